@@ -1,0 +1,470 @@
+import math
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import pytest
+
+import gqdiffrax
+
+from .helpers import assert_tree_allclose, finite_difference_grad
+
+
+class Field(eqx.Module):
+    """A small time-dependent vector field with module parameters."""
+
+    weight: jax.Array
+    bias: jax.Array
+
+    def __call__(self, t, y, args):
+        pre = self.weight @ y + self.bias * t
+        return args["scale"] * jnp.tanh(pre) - 0.1 * y
+
+
+def _field(key, dtype=jnp.float64):
+    k1, k2 = jr.split(key)
+    return Field(jr.normal(k1, (2, 2), dtype) * 0.8, jr.normal(k2, (2,), dtype) * 0.5)
+
+
+def _saveat(kind, ts):
+    return {
+        "t1": dfx.SaveAt(t1=True),
+        "ts": dfx.SaveAt(ts=ts),
+        "t0_ts_t1": dfx.SaveAt(t0=True, ts=ts, t1=True),
+    }[kind]
+
+
+def _loss(inputs, *, adjoint, saveat, solver=dfx.Dopri5(), controller=None, dt0=None):
+    field, y0, args, t0, t1, ts = inputs
+    if controller is None:
+        controller = dfx.PIDController(rtol=1e-9, atol=1e-9)
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(field),
+        solver,
+        t0,
+        t1,
+        dt0,
+        y0,
+        args,
+        saveat=_saveat(saveat, ts),
+        stepsize_controller=controller,
+        adjoint=adjoint,
+        max_steps=4096,
+    )
+    weights = jnp.arange(1, sol.ys.size + 1, dtype=sol.ys.dtype).reshape(sol.ys.shape)
+    return jnp.sum(jnp.sin(sol.ys) * weights)
+
+
+def _inputs(getkey, t0, t1):
+    ts = jnp.linspace(t0, t1, 5)[1:-1]
+    args = {"scale": jnp.array(0.7), "name": "not an array"}
+    return (
+        _field(getkey()),
+        jnp.array([0.3, -0.5]),
+        args,
+        jnp.array(t0),
+        jnp.array(t1),
+        ts,
+    )
+
+
+@pytest.mark.parametrize("saveat", ["t1", "ts", "t0_ts_t1"])
+@pytest.mark.parametrize("t0, t1", [(0.0, 1.5), (1.5, 0.0)])
+def test_matches_direct_and_finite_differences(getkey, saveat, t0, t1):
+    inputs = _inputs(getkey, t0, t1)
+    # C large enough that quadrature error is below the solver tolerance: this test is
+    # about the adjoint being right, the node rule has its own tests.
+    gq = gqdiffrax.GQAdjoint(C=10.0)
+    grad = lambda adjoint: eqx.filter_jit(
+        eqx.filter_grad(ft_partial(_loss, adjoint=adjoint, saveat=saveat))
+    )
+    g_gq = grad(gq)(inputs)
+    g_direct = grad(dfx.RecursiveCheckpointAdjoint())(inputs)
+
+    field, y0, args, t0_, t1_, ts = g_gq
+    field_d, y0_d, args_d, t0_d, t1_d, ts_d = g_direct
+    assert args["name"] is None
+    assert_tree_allclose(
+        (field, y0, args, t0_, ts),
+        (field_d, y0_d, args_d, t0_d, ts_d),
+        rtol=1e-6,
+        atol=1e-8,
+    )
+    # t1 only moves the output when it is saved.
+    if saveat == "ts":
+        assert t1_ == 0
+    else:
+        assert_tree_allclose(t1_, t1_d, rtol=1e-6)
+
+    # Finite differences of the same loss through GQAdjoint's forward solve.
+    value = eqx.filter_jit(ft_partial(_loss, adjoint=gq, saveat=saveat))
+    diff, static = eqx.partition(inputs, eqx.is_inexact_array)
+    fd = finite_difference_grad(lambda d: value(eqx.combine(d, static)), diff, eps=1e-6)
+    g_diff, _ = eqx.partition(g_gq, eqx.is_inexact_array)
+    assert_tree_allclose(g_diff, fd, rtol=1e-5, atol=1e-6)
+
+
+def ft_partial(fn, **kwargs):
+    return lambda x: fn(x, **kwargs)
+
+
+def test_default_C_is_accurate_on_one_interval(getkey):
+    # The paper's C = 0.1 with a single save at t1: the node count comes from the NFE
+    # and the gradient is accurate to the solver's tolerance.
+    inputs = _inputs(getkey, 0.0, 1.5)
+    loss = lambda adjoint: eqx.filter_jit(
+        eqx.filter_grad(ft_partial(_loss, adjoint=adjoint, saveat="t1"))
+    )
+    g_gq = loss(gqdiffrax.GQAdjoint())(inputs)
+    g_direct = loss(dfx.RecursiveCheckpointAdjoint())(inputs)
+    assert_tree_allclose(g_gq, g_direct, rtol=1e-6, atol=1e-8)
+
+
+def test_node_count_controls_accuracy(getkey):
+    # Fewer nodes, larger quadrature error: C = 1e-3 (one node per interval) must be
+    # measurably worse than C = 10, which must match the direct gradient.
+    inputs = _inputs(getkey, 0.0, 1.5)
+    grad = lambda adjoint: eqx.filter_jit(
+        eqx.filter_grad(ft_partial(_loss, adjoint=adjoint, saveat="ts"))
+    )
+    ref = grad(dfx.RecursiveCheckpointAdjoint())(inputs)[0].weight
+    coarse = grad(gqdiffrax.GQAdjoint(C=1e-3))(inputs)[0].weight
+    fine = grad(gqdiffrax.GQAdjoint(C=10.0))(inputs)[0].weight
+    err_coarse = float(jnp.max(jnp.abs(coarse - ref)))
+    err_fine = float(jnp.max(jnp.abs(fine - ref)))
+    assert err_fine < 1e-6
+    assert err_coarse > 100 * err_fine
+
+
+# (solver, evaluations per step, one extra evaluation at t0 (FSAL), tolerance)
+_SOLVERS = [
+    (dfx.Euler(), 1, 0, 1e-2),
+    (dfx.Heun(), 2, 0, 1e-4),
+    (dfx.Midpoint(), 2, 0, 1e-4),
+    (dfx.Ralston(), 2, 0, 1e-4),
+    (dfx.Bosh3(), 3, 1, 1e-6),
+    (dfx.Tsit5(), 6, 1, 1e-9),
+    (dfx.Dopri5(), 6, 1, 1e-9),
+    (dfx.Dopri8(), 13, 1, 1e-9),
+]
+
+
+@pytest.mark.parametrize(
+    "solver, per_step, at_t0, tol", _SOLVERS, ids=lambda x: type(x).__name__
+)
+def test_every_explicit_rk_solver(solver, per_step, at_t0, tol):
+    # dz/dt = a z, L = z(T)^2, with constant steps: gradients against the closed form,
+    # and the forward NFE read off the step count and the tableau.
+    num_steps = 200
+
+    def loss(p):
+        z0, a, T = p
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: args * y),
+            solver,
+            0.0,
+            T,
+            T / num_steps,
+            z0,
+            a,
+            adjoint=gqdiffrax.GQAdjoint(),
+        )
+        return sol.ys[-1] ** 2, sol.stats["num_fevals"]
+
+    p = (jnp.array(1.5), jnp.array(0.4), jnp.array(2.0))
+    (value, nfe), grads = eqx.filter_jit(jax.value_and_grad(loss, has_aux=True))(p)
+    z0, a, T = p
+    exact = (
+        2 * z0 * jnp.exp(2 * a * T),
+        2 * T * z0**2 * jnp.exp(2 * a * T),
+        2 * a * z0**2 * jnp.exp(2 * a * T),
+    )
+    for g, e in zip(grads, exact):
+        assert abs(float(g / e) - 1) < tol
+    assert int(nfe) == at_t0 + num_steps * per_step
+
+
+def test_closure_parameters(getkey):
+    # Arrays closed over by a plain function get gradients; diffrax's BacksolveAdjoint
+    # raises a CustomVJPException here.
+    weight = jr.normal(getkey(), (2, 2))
+    y0 = jnp.array([0.4, -0.2])
+
+    def loss(weight, adjoint):
+        term = dfx.ODETerm(lambda t, y, args: jnp.tanh(weight @ y))
+        sol = dfx.diffeqsolve(
+            term,
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            None,
+            y0,
+            saveat=dfx.SaveAt(ts=jnp.linspace(0.2, 1.0, 5)),
+            stepsize_controller=dfx.PIDController(rtol=1e-9, atol=1e-9),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    g_gq = jax.jit(jax.grad(lambda w: loss(w, gqdiffrax.GQAdjoint(C=10.0))))(weight)
+    g_direct = jax.jit(jax.grad(lambda w: loss(w, dfx.RecursiveCheckpointAdjoint())))(
+        weight
+    )
+    assert_tree_allclose(g_gq, g_direct, rtol=1e-6)
+    with pytest.raises(Exception, match="closed-over value"):
+        jax.grad(lambda w: loss(w, dfx.BacksolveAdjoint()))(weight)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float64, 1e-5), (jnp.float32, 2e-3)])
+def test_vmap_and_grad_orderings(getkey, dtype, rtol):
+    field = _field(getkey(), dtype)
+    y0s = jr.normal(getkey(), (4, 2), dtype)
+    ts = jnp.linspace(0.25, 1.0, 4, dtype=dtype)
+    tol = 1e-8 if dtype == jnp.float64 else 1e-5
+
+    def solve(field, y0, adjoint):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(field),
+            dfx.Dopri5(),
+            jnp.asarray(0.0, dtype),
+            jnp.asarray(1.0, dtype),
+            None,
+            y0,
+            {"scale": jnp.asarray(1.3, dtype)},
+            saveat=dfx.SaveAt(ts=ts),
+            stepsize_controller=dfx.PIDController(rtol=tol, atol=tol),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys**2)
+
+    def grad_of_vmap(adjoint):
+        loss = lambda f, y: jnp.mean(
+            jax.vmap(solve, in_axes=(None, 0, None))(f, y, adjoint)
+        )
+        return eqx.filter_jit(eqx.filter_grad(loss))(field, y0s)
+
+    def vmap_of_grad(adjoint):
+        grad = jax.grad(solve, argnums=(0, 1))
+        return eqx.filter_jit(jax.vmap(grad, in_axes=(None, 0, None)))(
+            field, y0s, adjoint
+        )
+
+    gq = gqdiffrax.GQAdjoint(C=10.0)
+    direct = dfx.RecursiveCheckpointAdjoint()
+    g1 = grad_of_vmap(gq)
+    assert jax.tree.leaves(g1)[0].dtype == dtype
+    assert_tree_allclose(g1, grad_of_vmap(direct), rtol=rtol, atol=rtol * 0.1)
+    g2 = vmap_of_grad(gq)
+    assert_tree_allclose(g2, vmap_of_grad(direct), rtol=rtol, atol=rtol * 0.1)
+    # The two orderings agree: the per-sample parameter gradients average to grad(mean).
+    mean_weight = jnp.mean(g2[0].weight, axis=0)
+    assert_tree_allclose(mean_weight, g1.weight, rtol=rtol)
+
+
+@pytest.mark.parametrize("T", [19.0, 24.0, 29.0])
+def test_paper_exponential_problem(T):
+    # Section 5.1: dz/dt = a z, L = z(T)^2, a = 0.2, z0 = 10, rtol 1e-6, atol 1e-7.
+    def loss(p):
+        z0, a, T = p
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: args * y),
+            dfx.Dopri5(),
+            0.0,
+            T,
+            None,
+            z0,
+            a,
+            stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-7),
+            adjoint=gqdiffrax.GQAdjoint(),
+            max_steps=100_000,
+        )
+        return sol.ys[-1] ** 2
+
+    p = (jnp.array(10.0), jnp.array(0.2), jnp.array(T))
+    value, (g_z0, g_a, g_T) = jax.jit(jax.value_and_grad(loss))(p)
+    z0, a = 10.0, 0.2
+    e = math.exp(2 * a * T)
+    for got, want in [
+        (value, z0**2 * e),
+        (g_z0, 2 * z0 * e),
+        (g_a, 2 * T * z0**2 * e),
+        (g_T, 2 * a * z0**2 * e),
+    ]:
+        # The paper's Fig. 1 reports relative errors of order 1e-5 at these tolerances.
+        assert abs(float(got) / want - 1) < 1e-4
+
+
+def test_stats_report_forward_nfe():
+    sol = dfx.diffeqsolve(
+        dfx.ODETerm(lambda t, y, args: -y),
+        dfx.Dopri5(),
+        0.0,
+        1.0,
+        0.1,
+        jnp.array(1.0),
+        adjoint=gqdiffrax.GQAdjoint(),
+    )
+    assert int(sol.stats["num_steps"]) == 10
+    assert int(sol.stats["num_fevals"]) == 1 + 10 * 6
+
+
+def test_compiled_memory_flat_in_max_steps(getkey):
+    field = _field(getkey())
+    y0 = jnp.array([0.3, -0.5])
+
+    def grad_fn(max_steps):
+        def loss(field):
+            sol = dfx.diffeqsolve(
+                dfx.ODETerm(field),
+                dfx.Dopri5(),
+                0.0,
+                1.0,
+                None,
+                y0,
+                {"scale": jnp.array(1.0)},
+                stepsize_controller=dfx.PIDController(rtol=1e-6, atol=1e-6),
+                adjoint=gqdiffrax.GQAdjoint(),
+                max_steps=max_steps,
+            )
+            return jnp.sum(sol.ys**2)
+
+        return jax.grad(loss)
+
+    def temp_bytes(max_steps):
+        compiled = jax.jit(grad_fn(max_steps)).lower(field).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(256), temp_bytes(16384)
+    assert large <= 1.1 * small
+
+
+#
+# Errors
+#
+
+
+def _solve(terms, *, solver=dfx.Dopri5(), saveat=dfx.SaveAt(t1=True), **kwargs):
+    kwargs.setdefault("stepsize_controller", dfx.PIDController(rtol=1e-6, atol=1e-6))
+    return dfx.diffeqsolve(
+        terms,
+        solver,
+        0.0,
+        1.0,
+        kwargs.pop("dt0", None),
+        kwargs.pop("y0", jnp.ones(2)),
+        saveat=saveat,
+        adjoint=kwargs.pop("adjoint", gqdiffrax.GQAdjoint()),
+        **kwargs,
+    )
+
+
+_ode = dfx.ODETerm(lambda t, y, args: -y)
+
+
+def test_error_sde_terms_point_to_wong_zakai(getkey):
+    bm = dfx.VirtualBrownianTree(0.0, 1.0, tol=1e-3, shape=(2,), key=getkey())
+    terms = dfx.MultiTerm(_ode, dfx.ControlTerm(lambda t, y, args: jnp.eye(2), bm))
+    with pytest.raises(ValueError, match="wong_zakai_term"):
+        _solve(
+            terms,
+            solver=dfx.Heun(),
+            dt0=0.1,
+            stepsize_controller=dfx.ConstantStepSize(),
+        )
+
+
+def test_error_cde_terms():
+    control = dfx.LinearInterpolation(jnp.linspace(0, 1, 5), jnp.ones((5, 2)))
+    terms = dfx.ControlTerm(lambda t, y, args: jnp.eye(2), control)
+    with pytest.raises(ValueError, match="single `diffrax.ODETerm`"):
+        _solve(
+            terms,
+            solver=dfx.Heun(),
+            dt0=0.1,
+            stepsize_controller=dfx.ConstantStepSize(),
+        )
+
+
+def test_error_event():
+    event = dfx.Event(lambda t, y, args, **kw: t > 0.5)
+    with pytest.raises(NotImplementedError, match="events"):
+        _solve(_ode, event=event)
+
+
+@pytest.mark.parametrize(
+    "saveat, match",
+    [
+        (dfx.SaveAt(steps=True), "steps=True"),
+        (dfx.SaveAt(dense=True), "dense=True"),
+        (dfx.SaveAt(t1=True, fn=lambda t, y, args: y[0]), "fn="),
+        (dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(t0=True)]), "subs="),
+    ],
+)
+def test_error_saveat(saveat, match):
+    with pytest.raises(NotImplementedError, match=match):
+        _solve(_ode, saveat=saveat)
+
+
+def test_error_multi_term_solver():
+    with pytest.raises(NotImplementedError, match="single term"):
+        _solve(
+            (_ode, _ode),
+            y0=(jnp.ones(2), jnp.ones(2)),
+            solver=dfx.SemiImplicitEuler(),
+            dt0=0.1,
+            stepsize_controller=dfx.ConstantStepSize(),
+        )
+
+
+def test_error_implicit_solver():
+    with pytest.raises(NotImplementedError, match="explicit Runge–Kutta"):
+        _solve(_ode, solver=dfx.Kvaerno5())
+
+
+def test_error_step_to():
+    with pytest.raises(NotImplementedError, match="StepTo"):
+        _solve(_ode, stepsize_controller=dfx.StepTo(ts=jnp.linspace(0, 1, 5)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(C=0.0), "C=0.0"),
+        (dict(C=-1.0), "finite positive"),
+        (dict(C=float("nan")), "finite positive"),
+        (dict(max_nodes=0), "max_nodes"),
+        (dict(max_nodes=65), "max_nodes"),
+        (dict(node_chunk=0), "node_chunk"),
+    ],
+)
+def test_error_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gqdiffrax.GQAdjoint(**kwargs)
+
+
+def test_backward_max_steps_raises_or_gives_nan():
+    # z stays at 0, so the forward solve needs few steps; the adjoint a' = -5a does
+    # not. The backward solve hits max_steps: it raises with throw=True and gives NaN
+    # with throw=False.
+    def loss(k, throw):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: args * jnp.sin(y)),
+            dfx.Dopri5(),
+            0.0,
+            10.0,
+            None,
+            jnp.array(0.0),
+            k,
+            stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
+            adjoint=gqdiffrax.GQAdjoint(),
+            max_steps=24,
+            throw=throw,
+        )
+        return sol.ys[-1]
+
+    k = jnp.array(5.0)
+    assert jnp.isfinite(jax.jit(lambda k: loss(k, True))(k))
+    with pytest.raises(Exception, match="maximum number of solver steps"):
+        jax.block_until_ready(jax.jit(jax.grad(lambda k: loss(k, True)))(k))
+    assert jnp.isnan(jax.jit(jax.grad(lambda k: loss(k, False)))(k))
