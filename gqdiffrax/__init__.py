@@ -3,10 +3,9 @@
 import importlib.metadata
 
 from ._adjoint import GQAdjoint as GQAdjoint
+from ._ees import EES25 as EES25, EES27 as EES27
 from ._quadrature import gauss_legendre as gauss_legendre
-
-
-# Wiener surrogate and Wong–Zakai terms (issue 3) are exported below this line.
+from ._reversible import ReversibleAdjoint as ReversibleAdjoint
 from ._wiener import (
     ito_to_stratonovich_drift as ito_to_stratonovich_drift,
     sde_terms as sde_terms,
@@ -14,10 +13,6 @@ from ._wiener import (
     WienerSurrogate as WienerSurrogate,
     wong_zakai_term as wong_zakai_term,
 )
-
-# EES solvers and the reversible adjoint (issue 4) are exported below this line.
-from ._ees import EES25 as EES25, EES27 as EES27
-from ._reversible import ReversibleAdjoint as ReversibleAdjoint
 
 
 __version__ = importlib.metadata.version("gqdiffrax")
