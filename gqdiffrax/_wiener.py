@@ -213,7 +213,8 @@ class WienerSurrogate(diffrax.AbstractPath):
                 return distribution_loss(ys, data)
 
             loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
-            updates, opt_state = optim.update(grads, opt_state, model)
+            params = eqx.filter(model, eqx.is_inexact_array)
+            updates, opt_state = optim.update(grads, opt_state, params)
             return eqx.apply_updates(model, updates), opt_state, loss
 
         key = jax.random.key(0)

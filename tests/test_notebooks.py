@@ -1,0 +1,75 @@
+"""Run every notebook in `notebooks/` from top to bottom, as a user would.
+
+Each notebook runs in a fresh Jupyter kernel of the interpreter running pytest, with
+`GQDIFFRAX_NOTEBOOK_SMALL=1` so that it shrinks its sizes and finishes in under a minute
+on a 2-core CPU. Set `GQDIFFRAX_SKIP_NOTEBOOKS=1` to skip them.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+import pytest
+
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+# Seconds one cell may take; compiling a gradient takes most of it.
+CELL_TIMEOUT = 300
+KERNEL_NAME = "gqdiffrax-tests"
+# Extra environment for particular notebooks: the sharding notebook runs on a CPU split
+# into two devices, so that its multi-device code path is exercised.
+EXTRA_ENV = {
+    "05_gpu_training": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+}
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("GQDIFFRAX_SKIP_NOTEBOOKS") == "1",
+    reason="GQDIFFRAX_SKIP_NOTEBOOKS=1",
+)
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory):
+    """A kernelspec that starts this very interpreter, so that the notebooks run in the
+    environment under test, not in whichever `python3` kernel Jupyter finds first."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / KERNEL_NAME
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    kernel = {"argv": argv, "display_name": "gqdiffrax tests", "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
+    return root
+
+
+def test_notebooks_found():
+    assert len(NOTEBOOKS) >= 5, NOTEBOOKS
+
+
+def test_notebooks_stored_without_outputs():
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs, f"{path.name}: clear its outputs"
+                assert cell.execution_count is None, path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs(path, kernel_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
+    env = dict(os.environ, GQDIFFRAX_NOTEBOOK_SMALL="1", **EXTRA_ENV.get(path.stem, {}))
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        kernel_name=KERNEL_NAME,
+        timeout=CELL_TIMEOUT,
+        # Run in a scratch directory, so that anything a notebook writes stays out of
+        # the working tree.
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute(env=env)
