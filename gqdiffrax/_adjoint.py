@@ -16,7 +16,7 @@ Design (see the docs page "How it works" for the derivation):
   next. The parameter gradient
   $\int_{t_{k-1}}^{t_k} a_z^\top \partial f/\partial\theta\, dt$ is then one VJP of the
   vector field `vmap`-ed over the nodes, with cotangents $w_j a_z(\tau_j)$, evaluated in
-  chunks of `node_chunk` nodes so memory does not grow with $n_k$.
+  chunks of at most `node_chunk` nodes so memory does not grow with $n_k$.
 - **Parameters.** The vector field is closure-converted before entering the custom VJP,
   so parameters of an `eqx.Module`, arrays closed over by a plain function and the
   inexact leaves of `args` are all explicit inputs of the VJP and get gradients.
@@ -202,9 +202,9 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
 - `max_nodes`: the cap on nodes per interval, $1 \le$ `max_nodes` $\le 64$. A
     64-node rule is exact for polynomials of degree 127.
 - `node_chunk`: how many nodes share one `vmap`-ed VJP of the vector field. Memory of
-    the quadrature grows with it; the number of sequential VJPs per interval is
-    $\lceil n_k / \texttt{node\_chunk} \rceil$. The last chunk of an interval is
-    padded with zero-weight nodes.
+    the quadrature grows with it. An interval's $n_k$ nodes are evaluated as
+    $\lfloor n_k / \texttt{node\_chunk} \rfloor$ full chunks and the remainder in
+    power-of-two pieces, so no work is spent on padding.
 """
 
 
@@ -502,8 +502,8 @@ def _gq_loop_bwd(
         )
         node_ts, node_ws, zs, as_ = jtu.tree_map(pad_rows, (node_ts, node_ws, zs, as_))
 
-        def chunk_body(i, acc):
-            take = lambda x: lax.dynamic_slice_in_dim(x, i * chunk, chunk)
+        def vjp_rows(acc, start, size):
+            take = lambda x: lax.dynamic_slice_in_dim(x, start, size)
             t_c, w_c, z_c, a_c = jtu.tree_map(take, (node_ts, node_ws, zs, as_))
             _, vjp_theta = jax.vjp(
                 lambda th: jax.vmap(lambda t, z: f_theta(th, t, z))(t_c, z_c), theta
@@ -511,8 +511,29 @@ def _gq_loop_bwd(
             (g,) = vjp_theta(_scale_rows(a_c, w_c))
             return jtu.tree_map(jnp.add, acc, g)
 
-        num_chunks = (n + chunk - 1) // chunk
-        return lax.fori_loop(0, num_chunks, chunk_body, theta_sum)
+        # Full chunks of `chunk` nodes, then the remainder in power-of-two pieces
+        # (binary digits of n mod chunk): exactly n nodes are evaluated, with no
+        # zero-weight padding, at the price of a few more compiled VJP shapes.
+        num_full = n // chunk
+        acc = lax.fori_loop(
+            0, num_full, lambda i, acc: vjp_rows(acc, i * chunk, chunk), theta_sum
+        )
+        start = num_full * chunk
+        size = 1 << ((chunk - 1).bit_length() - 1) if chunk > 1 else 0
+        while size >= 1:
+            take_piece = (n - start) >= size
+            acc, start = lax.cond(
+                take_piece,
+                lambda acc, start, size=size: (
+                    vjp_rows(acc, start, size),
+                    start + size,
+                ),
+                lambda acc, start: (acc, start),
+                acc,
+                start,
+            )
+            size //= 2
+        return acc
 
     def interval(carry, xs):
         a, dt, theta_sum, ok = carry
@@ -558,7 +579,8 @@ def _gq_loop_bwd(
     a_t0, _, theta_sum, ok = carry
 
     grad_y0 = jtu.tree_map(jnp.add, a_t0, grad_y0_saved)
-    grad_args, grad_vf = theta_sum if want_theta else (None, None)
+    # With nothing to integrate, `theta_sum` is the (args, vf) tree of `None`s.
+    grad_args, grad_vf = theta_sum
 
     # Time gradients: moving a save time moves its output along the trajectory;
     # moving t0 shifts the whole solution.

@@ -216,6 +216,36 @@ def test_closure_parameters(getkey):
         jax.grad(lambda w: loss(w, dfx.BacksolveAdjoint()))(weight)
 
 
+def test_gradient_with_respect_to_y0_only(getkey):
+    # Parameters are constants here (nothing in args or the vector field is
+    # differentiated), so the backward pass integrates no quadrature at all.
+    field = _field(getkey())
+    ts = jnp.linspace(0.25, 1.0, 4)
+
+    def loss(y0, adjoint):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, args: field(t, y, {"scale": 0.7})),
+            dfx.Dopri5(),
+            0.0,
+            1.0,
+            None,
+            y0,
+            saveat=dfx.SaveAt(ts=ts),
+            stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
+            adjoint=adjoint,
+        )
+        return jnp.sum(jnp.sin(sol.ys))
+
+    y0 = jnp.array([0.3, -0.5])
+    g_gq = jax.jit(jax.grad(lambda y: loss(y, gqdiffrax.GQAdjoint())))(y0)
+    g_direct = jax.grad(lambda y: loss(y, dfx.RecursiveCheckpointAdjoint()))(y0)
+    g_fd = finite_difference_grad(
+        lambda y: loss(y, dfx.RecursiveCheckpointAdjoint()), y0
+    )
+    assert_tree_allclose(g_gq, g_direct, rtol=1e-6)
+    assert_tree_allclose(g_gq, g_fd, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype, rtol", [(jnp.float64, 1e-5), (jnp.float32, 2e-3)])
 def test_vmap_and_grad_orderings(getkey, dtype, rtol):
     field = _field(getkey(), dtype)

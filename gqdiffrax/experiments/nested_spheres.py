@@ -1,0 +1,167 @@
+"""Nested spheres (Section 5.3, Appendix E.2, Figure 4): an augmented neural ODE
+classifies points inside a disc of radius 0.4 against points in the annulus
+0.7 < |x| < 0.9, which no plain neural ODE can separate."""
+
+import functools as ft
+
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+
+from . import _common
+
+
+TASK = "nested-spheres"
+DESCRIPTION = __doc__
+# Appendix E.2, Table 1.
+LEARNING_RATES = {
+    5: 5e-3,
+    20: 5e-3,
+    100: 1e-3,
+    500: 1e-3,
+    1000: 2e-4,
+    1500: 2e-4,
+    2000: 1e-4,
+    2500: 1e-4,
+    3000: 1e-4,
+}
+RADII = (0.4, 0.7, 0.9)
+PRESETS = {
+    "smoke": dict(
+        methods=["gq"],
+        widths=[8],
+        seeds=1,
+        epochs=1,
+        batch_size=20,
+        train_per_class=20,
+        test_per_class=5,
+    ),
+    "default": dict(
+        methods=list(_common.ODE_METHODS),
+        widths=[20, 500],
+        seeds=1,
+        epochs=5,
+        batch_size=200,
+        train_per_class=200,
+        test_per_class=50,
+    ),
+    "full": dict(
+        methods=list(_common.ODE_METHODS),
+        widths=[5, 20, 100, 500, 1000, 1500, 2000, 2500, 3000],
+        seeds=10,
+        epochs=100,
+        batch_size=200,
+        train_per_class=1000,
+        test_per_class=50,
+    ),
+}
+
+
+def sample(rng: np.random.Generator, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """`per_class` points uniformly (by area) in the inner disc (class 0) and in the
+    outer annulus (class 1)."""
+    r1, r2, r3 = RADII
+
+    def uniform_ring(r_in, r_out):
+        r = np.sqrt(rng.uniform(r_in**2, r_out**2, per_class))
+        angle = rng.uniform(0, 2 * np.pi, per_class)
+        return np.stack([r * np.cos(angle), r * np.sin(angle)], axis=-1)
+
+    x = np.concatenate([uniform_ring(0.0, r1), uniform_ring(r2, r3)]).astype(np.float32)
+    y = np.repeat(np.arange(2, dtype=np.int32), per_class)
+    return x, y
+
+
+def loss(model, state, samples, shared, key, solve):
+    del shared, key
+    x, y = samples
+    logits = model(x, solve)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), state
+
+
+def evaluate(model, state, samples, weights, shared, key, solve):
+    """Summed cross-entropy and summed accuracy in percent."""
+    del state, shared, key
+    x, y = samples
+    logits = model(x, solve)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    correct = (jnp.argmax(logits, axis=-1) == y).astype(weights.dtype)
+    return dict(loss=jnp.sum(weights * ce), metric=100 * jnp.sum(weights * correct))
+
+
+def make_run(
+    *, width, seed, method, train_per_class, test_per_class, batch_size, C=None
+):
+    # The method and C only change how the model is differentiated.
+    del method, C
+    rng = np.random.default_rng(seed)
+    train, test = sample(rng, train_per_class), sample(rng, test_per_class)
+    model = _common.AugmentedODE(
+        2, 3, width, out_size=2, time_dependent=True, key=jr.key(seed)
+    )
+    return _common.Run(
+        model=model,
+        loss=loss,
+        evaluate=evaluate,
+        train=_common.Data(train),
+        test=_common.Data(test),
+        batch_size=batch_size,
+        lr=_common.lr_from_table(LEARNING_RATES, width),
+    )
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--train-per-class",
+        type=_common.positive_int,
+        metavar="N",
+        help="training points per class",
+    )
+    parser.add_argument(
+        "--test-per-class",
+        type=_common.positive_int,
+        metavar="N",
+        help="test points per class",
+    )
+
+
+def run_method_grid(args, *, extra=({},)):
+    """Train the grid of `args` on nested spheres; shared with `c-ablation` and
+    `demo`."""
+    make = ft.partial(
+        make_run,
+        train_per_class=args.train_per_class,
+        test_per_class=args.test_per_class,
+        batch_size=args.batch_size,
+    )
+    return _common.run_grid(args, make, extra=extra)
+
+
+def main(argv=None):
+    args = _common.parse_args(
+        TASK,
+        DESCRIPTION,
+        PRESETS,
+        argv,
+        methods=_common.ODE_METHODS,
+        add_arguments=add_arguments,
+    )
+    rows = run_method_grid(args)
+    summary = _common.summarise(
+        rows,
+        ("method", "width"),
+        {**_common.TRAINING_COLUMNS, "final_metric": "test accuracy (%)"},
+    )
+    _common.write_outputs(
+        args,
+        rows,
+        summary,
+        figures={
+            "fig4_scaling.png": ft.partial(
+                _common.plot_scaling, rows, metric_label="Test Accuracy (%)"
+            ),
+            "fig8_loss_curves.png": ft.partial(_common.plot_curves, rows),
+        },
+    )
+    return rows

@@ -1,0 +1,324 @@
+"""The experiments CLI: every task at `--smoke` size writes its files, bad input is one
+line on stderr, and sharding the batch over devices does not change the gradient.
+
+Tasks run in this process through `gqdiffrax.experiments.__main__.main` (the code path
+of `python -m gqdiffrax.experiments`), in float32 as on the command line; error
+handling and multi-device runs go through real subprocesses.
+"""
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import pytest
+
+from gqdiffrax.experiments import __main__ as cli
+
+
+TRAINING_FILES = ("results.json", "runs.csv", "curves.csv", "summary.md")
+
+
+def run_task(*argv):
+    with jax.enable_x64(False):
+        assert cli.main([str(a) for a in argv]) == 0
+
+
+def run_subprocess(*argv, env=None, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "gqdiffrax.experiments", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def check_training(out, *, methods, epochs, extra_keys=(), nfe=True):
+    """The files of a training task, and sane rows for exactly `methods`."""
+    for name in TRAINING_FILES:
+        assert (out / name).is_file(), name
+    assert list(out.glob("*.png")), "no figure"
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert sorted({r["method"] for r in runs}) == sorted(methods)
+    for r in runs:
+        for key in extra_keys:
+            assert key in r
+        assert r["train_s"] > 0 and r["compile_s"] > 0
+        assert math.isfinite(r["final_metric"])
+        if nfe:
+            assert r["nfe_forward"] > 0 and r["nfe_backward"] > 0
+        else:
+            assert r["nfe_forward"] is None and r["nfe_backward"] is None
+        assert [p["epoch"] for p in r["curve"]] == list(range(1, epochs + 1))
+    with open(out / "runs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(runs)
+    assert {
+        "train_s",
+        "compile_s",
+        "final_metric",
+        "nfe_forward",
+        "nfe_backward",
+    } <= set(rows[0])
+    return runs
+
+
+def test_help_lists_every_task():
+    result = run_subprocess("--help")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    for task in cli.TASKS:
+        assert sum(line.split()[:1] == [task] for line in lines) == 1, task
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no-such-task"], "unknown task"),
+        (["nested-spheres", "--smoke", "--methods", "gq", "bogus"], "unknown method"),
+        (["ou-sde", "--smoke", "--methods", "seminorm", "magic"], "unknown method"),
+        (["nested-spheres", "--smoke", "--widths", "8", "0"], "positive integer"),
+        (["crossing-trajectories", "--smoke", "--widths", "-3"], "positive integer"),
+        (["images", "--smoke", "--data-dir", "{tmp}/missing"], "not a directory"),
+        (["images", "--smoke", "--data-dir", "{tmp}/garbage"], "cannot read"),
+    ],
+)
+def test_bad_input_is_one_line(argv, message, tmp_path):
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    for stem in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (garbage / stem).write_bytes(b"not an idx file")
+    result = run_subprocess(*(a.format(tmp=tmp_path) for a in argv))
+    assert result.returncode != 0
+    err = result.stderr.strip()
+    assert "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert message in err
+
+
+def test_demo(tmp_path, capsys):
+    out = tmp_path / "demo"
+    run_task("demo", "--smoke", "--no-nfe", "--out", out)
+    check_training(out, methods=["direct", "seminorm", "gq"], epochs=1, nfe=False)
+    header = next(
+        line for line in capsys.readouterr().out.splitlines() if "s/epoch" in line
+    )
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns[:4] == [
+        "method",
+        "s/epoch",
+        "speedup vs seminorm",
+        "test accuracy (%)",
+    ]
+    assert "speedup vs seminorm" in (out / "summary.md").read_text()
+
+
+def test_nested_spheres(tmp_path):
+    out = tmp_path / "spheres"
+    run_task(
+        "nested-spheres", "--smoke", "--methods", "adjoint", "--no-nfe", "--out", out
+    )
+    check_training(out, methods=["adjoint"], epochs=1, nfe=False)
+
+
+def test_c_ablation_more_nodes_for_larger_C(tmp_path):
+    out = tmp_path / "c"
+    run_task("c-ablation", "--smoke", "--C", "0.001", "100000", "--out", out)
+    runs = check_training(out, methods=["gq"], epochs=1, extra_keys=("C",))
+    by_c = {r["C"]: r for r in runs}
+    # C scales the number of quadrature nodes: 1e5 hits the cap of 64 per interval.
+    assert by_c[1e5]["nfe_backward"] > by_c[1e-3]["nfe_backward"]
+    assert by_c[1e5]["nfe_forward"] == by_c[1e-3]["nfe_forward"]
+
+
+def test_sines_irregular(tmp_path):
+    out = tmp_path / "sines"
+    run_task(
+        "sines",
+        "--smoke",
+        "--regularity",
+        "irregular",
+        "--epochs",
+        "2",
+        "--no-nfe",
+        "--out",
+        out,
+    )
+    runs = check_training(
+        out, methods=["gq"], epochs=2, extra_keys=("num_times", "regularity"), nfe=False
+    )
+    assert {r["regularity"] for r in runs} == {"irregular"}
+
+
+def test_crossing_trajectories(tmp_path):
+    out = tmp_path / "crossing"
+    run_task(
+        "crossing-trajectories",
+        "--smoke",
+        "--methods",
+        "direct",
+        "--no-nfe",
+        "--out",
+        out,
+    )
+    check_training(out, methods=["direct"], epochs=2, nfe=False)
+
+
+def test_images_on_bundled_digits(tmp_path):
+    out = tmp_path / "images"
+    run_task("images", "--smoke", "--methods", "gq", "--no-nfe", "--out", out)
+    check_training(out, methods=["gq"], epochs=1, nfe=False)
+    assert json.loads((out / "results.json").read_text())["dataset"] == "digits"
+
+
+def test_mnist_idx_files_are_read(tmp_path):
+    """`--data-dir` reads MNIST's IDX format, plain or gzipped."""
+    import gzip
+
+    import numpy as np
+
+    from gqdiffrax.experiments import images
+
+    rng = np.random.default_rng(0)
+    expected = {}
+    for stem, shape in [
+        ("train-images-idx3-ubyte", (5, 28, 28)),
+        ("train-labels-idx1-ubyte", (5,)),
+        ("t10k-images-idx3-ubyte", (3, 28, 28)),
+        ("t10k-labels-idx1-ubyte", (3,)),
+    ]:
+        data = rng.integers(0, 256 if len(shape) > 1 else 10, shape, dtype=np.uint8)
+        header = bytes([0, 0, 8, len(shape)]) + b"".join(
+            n.to_bytes(4, "big") for n in shape
+        )
+        raw = header + data.tobytes()
+        if stem.startswith("train"):
+            (tmp_path / f"{stem}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (tmp_path / stem).write_bytes(raw)
+        expected[stem] = data
+    (train_x, train_y), (test_x, test_y) = images.load_mnist(tmp_path)
+    assert train_x.shape == (5, 1, 28, 28) and test_x.shape == (3, 1, 28, 28)
+    np.testing.assert_allclose(
+        train_x[:, 0] * 255, expected["train-images-idx3-ubyte"], atol=1e-3
+    )
+    np.testing.assert_array_equal(test_y, expected["t10k-labels-idx1-ubyte"])
+    np.testing.assert_array_equal(train_y, expected["train-labels-idx1-ubyte"])
+
+
+def test_exponential_matches_closed_form(tmp_path):
+    out = tmp_path / "exp"
+    run_task("exponential", "--smoke", "--methods", "adjoint", "gq", "--out", out)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"adjoint", "gq"}
+    for r in runs:
+        for q in ("L", "dL/dz0", "dL/da", "dL/dT"):
+            assert r[f"err {q}"] < 1e-4, (r["method"], q, r[f"err {q}"])
+        assert r["nfe_forward"] > 0 and r["nfe_backward"] > 0
+    # The same forward solve, and gradients of the same continuous adjoint equation.
+    by_method = {(r["method"], r["T"]): r for r in runs}
+    for T in {r["T"] for r in runs}:
+        adjoint, gq = by_method["adjoint", T], by_method["gq", T]
+        assert gq["L"] == pytest.approx(adjoint["L"], rel=1e-12)
+        for q in ("dL/dz0", "dL/da", "dL/dT"):
+            assert gq[q] == pytest.approx(adjoint[q], rel=1e-5)
+    assert (out / "fig1_relative_errors.png").is_file()
+
+
+def test_memory_direct_grows_gq_flat(tmp_path):
+    out = tmp_path / "memory"
+    run_task("memory", "--smoke", "--tols", "1e-3", "1e-6", "--out", out)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    mem = {(r["method"], r["tol"]): r["temp_bytes"] for r in runs}
+    steps = {r["tol"]: r["num_steps"] for r in runs}
+    assert steps[1e-6] > steps[1e-3]
+    assert mem["direct", 1e-6] > mem["direct", 1e-3]
+    assert mem["gq", 1e-6] == mem["gq", 1e-3]
+    assert (out / "fig2_memory.png").is_file()
+
+
+def test_ou_sde(tmp_path):
+    import gqdiffrax
+
+    for name in ("WienerSurrogate", "wong_zakai_term", "sde_terms"):
+        if not hasattr(gqdiffrax, name):
+            pytest.skip(f"ou-sde needs gqdiffrax.{name}, not available yet")
+    out = tmp_path / "ou"
+    run_task(
+        "ou-sde", "--smoke", "--methods", "gq", "sde-adjoint", "--no-nfe", "--out", out
+    )
+    runs = check_training(
+        out,
+        methods=["gq", "sde-adjoint"],
+        epochs=1,
+        extra_keys=("num_cosines",),
+        nfe=False,
+    )
+    assert all(r["final_metric"] >= 0 for r in runs)
+
+
+@pytest.mark.parametrize(
+    "task, module",
+    [("ees-stability", "ees_stability"), ("bench-gradients", "bench_gradients")],
+)
+def test_tasks_of_other_modules(task, module, tmp_path):
+    if importlib.util.find_spec(f"gqdiffrax.experiments.{module}") is None:
+        pytest.skip(f"gqdiffrax.experiments.{module} does not exist yet")
+    out = tmp_path / task
+    run_task(task, "--smoke", "--out", out)
+    assert out.is_dir() and any(out.iterdir())
+
+
+SHARDING_SCRIPT = textwrap.dedent(
+    """
+    import jax, jax.random as jr, numpy as np
+    import equinox as eqx
+    from gqdiffrax.experiments import __main__ as cli, _common, nested_spheres
+
+    assert len(jax.devices()) == 4
+    run = nested_spheres.make_run(width=8, seed=0, method="seminorm",
+                                  train_per_class=4, test_per_class=2, batch_size=8)
+    samples = tuple(x[:8] for x in run.train.samples)
+    results = []
+    for n in (1, 4):
+        devices = _common.Devices(n)
+        f = eqx.filter_jit(_common.sharded_loss_and_grad(
+            run, _common.Solve("seminorm"), devices))
+        placed = devices.batch(samples)
+        assert len(placed[0].sharding.device_set) == n
+        results.append(f(devices.replicate(run.model), None, placed, (),
+                         devices.replicate(jr.key(0))))
+    for a, b in zip(*map(jax.tree_util.tree_leaves, results)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    assert cli.main(["nested-spheres", "--smoke", "--devices", "4", "--no-nfe",
+                     "--out", {out!r}]) == 0
+    print("OK")
+    """
+)
+
+
+def test_sharded_batch_gives_the_same_gradient(tmp_path):
+    out = tmp_path / "sharded"
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDING_SCRIPT.format(out=str(out))],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("OK")
+    runs = check_training(out, methods=["gq"], epochs=1, nfe=False)
+    assert json.loads((out / "results.json").read_text())["config"]["devices"] == 4
+    assert runs[0]["final_metric"] >= 0
