@@ -204,7 +204,9 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
 - `node_chunk`: how many nodes share one `vmap`-ed VJP of the vector field. Memory of
     the quadrature grows with it. An interval's $n_k$ nodes are evaluated as
     $\lfloor n_k / \texttt{node\_chunk} \rfloor$ full chunks and the remainder in
-    power-of-two pieces, so no work is spent on padding.
+    power-of-two pieces, so no work is spent on padding. Under `jax.vmap` the pieces
+    follow the largest $n_k$ in the batch (the other samples' extra nodes have weight
+    zero), so per-sample solves share one schedule instead of running every piece.
 """
 
 
@@ -425,6 +427,73 @@ def _scale_rows(tree, w):
     )
 
 
+def _node_pieces(f_nodes, chunk, num, theta, arrays, direction, acc, ts, ws, zs, as_):
+    r"""`acc` plus $\sum_{j < \mathrm{num}} w_j\, a_j^\top \partial f/\partial\theta
+    (\tau_j, z_j)$: `num // chunk` full chunks of one `vmap`-ed VJP each, then the
+    remainder in power-of-two pieces (the binary digits of `num mod chunk`), so exactly
+    `num` nodes are evaluated and no work goes into padding."""
+
+    def vjp_rows(acc, start, size):
+        take = lambda x: lax.dynamic_slice_in_dim(x, start, size)
+        t_c, w_c, z_c, a_c = jtu.tree_map(take, (ts, ws, zs, as_))
+        _, vjp_theta = jax.vjp(
+            lambda th: jax.vmap(lambda t, z: f_nodes(th, arrays, direction, t, z))(
+                t_c, z_c
+            ),
+            theta,
+        )
+        (g,) = vjp_theta(_scale_rows(a_c, w_c))
+        return jtu.tree_map(jnp.add, acc, g)
+
+    num_full = num // chunk
+    acc = lax.fori_loop(
+        0, num_full, lambda i, acc: vjp_rows(acc, i * chunk, chunk), acc
+    )
+    start = num_full * chunk
+    size = 1 << ((chunk - 1).bit_length() - 1) if chunk > 1 else 0
+    while size >= 1:
+        acc, start = lax.cond(
+            num - start >= size,
+            lambda acc, start, size=size: (vjp_rows(acc, start, size), start + size),
+            lambda acc, start: (acc, start),
+            acc,
+            start,
+        )
+        size //= 2
+    return acc
+
+
+def _make_node_sum(f_nodes, chunk):
+    """The quadrature sum of one interval, with a batching rule of its own.
+
+    Unbatched, the piece schedule follows the interval's own node count `n`. Under
+    `jax.vmap` (per-sample solves) `n` differs between samples, and a data-dependent
+    `lax.cond` would be batched into a `select` that runs every piece; instead the
+    schedule follows the largest `n` in the batch, which is not batched, and the extra
+    rows of the other samples carry weight zero (see `interval_rule`).
+    """
+
+    @jax.custom_batching.custom_vmap
+    def node_sum(theta, arrays, direction, acc, ts, ws, zs, as_, n):
+        return _node_pieces(
+            f_nodes, chunk, n, theta, arrays, direction, acc, ts, ws, zs, as_
+        )
+
+    @node_sum.def_vmap
+    def _(axis_size, in_batched, theta, arrays, direction, acc, ts, ws, zs, as_, n):
+        *batched, n_batched = in_batched
+        num = jnp.max(n) if n_batched else n
+        in_axes = jtu.tree_map(lambda b: 0 if b else None, tuple(batched))
+        out = jax.vmap(
+            lambda *xs: _node_pieces(f_nodes, chunk, num, *xs),
+            in_axes=in_axes,
+            axis_size=axis_size,
+        )(theta, arrays, direction, acc, ts, ws, zs, as_)
+        return out, jtu.tree_map(lambda _: True, out)
+
+    return node_sum
+
+
 @_gq_loop.def_bwd
 def _gq_loop_bwd(
     residuals,
@@ -474,10 +543,6 @@ def _gq_loop_bwd(
     theta, theta_static = eqx.partition((args, vf), (p_args, p_vf))
     want_theta = len(jtu.tree_leaves(theta)) > 0
 
-    def f_theta(theta_, t, z):
-        args_, vf_ = eqx.combine(theta_, theta_static)
-        return _wrapped_vf(vf_, direction)(t, z, args_)
-
     def aug_vf(t, state, _):
         z, a = state
         fz, vjp_z = jax.vjp(lambda z_: f(t, z_, args), z)
@@ -495,45 +560,23 @@ def _gq_loop_bwd(
     num_slots = -(-self.max_nodes // chunk) * chunk
     counts = num_nodes(self.C, nfe, times[1:] - times[:-1], t1 - t0, self.max_nodes)
 
+    theta_arrays, theta_rest = eqx.partition(theta_static, eqx.is_array)
+
+    def f_nodes(theta_, arrays, direction_, t, z):
+        args_, vf_ = eqx.combine(theta_, arrays, theta_rest)
+        return _wrapped_vf(vf_, direction_)(t, z, args_)
+
+    node_sum = _make_node_sum(f_nodes, chunk)
+
     def quadrature(theta_sum, node_ts, node_ws, zs, as_, n):
         pad = num_slots - self.max_nodes
         pad_rows = lambda x: jnp.concatenate(
             [x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]
         )
         node_ts, node_ws, zs, as_ = jtu.tree_map(pad_rows, (node_ts, node_ws, zs, as_))
-
-        def vjp_rows(acc, start, size):
-            take = lambda x: lax.dynamic_slice_in_dim(x, start, size)
-            t_c, w_c, z_c, a_c = jtu.tree_map(take, (node_ts, node_ws, zs, as_))
-            _, vjp_theta = jax.vjp(
-                lambda th: jax.vmap(lambda t, z: f_theta(th, t, z))(t_c, z_c), theta
-            )
-            (g,) = vjp_theta(_scale_rows(a_c, w_c))
-            return jtu.tree_map(jnp.add, acc, g)
-
-        # Full chunks of `chunk` nodes, then the remainder in power-of-two pieces
-        # (binary digits of n mod chunk): exactly n nodes are evaluated, with no
-        # zero-weight padding, at the price of a few more compiled VJP shapes.
-        num_full = n // chunk
-        acc = lax.fori_loop(
-            0, num_full, lambda i, acc: vjp_rows(acc, i * chunk, chunk), theta_sum
+        return node_sum(
+            theta, theta_arrays, direction, theta_sum, node_ts, node_ws, zs, as_, n
         )
-        start = num_full * chunk
-        size = 1 << ((chunk - 1).bit_length() - 1) if chunk > 1 else 0
-        while size >= 1:
-            take_piece = (n - start) >= size
-            acc, start = lax.cond(
-                take_piece,
-                lambda acc, start, size=size: (
-                    vjp_rows(acc, start, size),
-                    start + size,
-                ),
-                lambda acc, start: (acc, start),
-                acc,
-                start,
-            )
-            size //= 2
-        return acc
 
     def interval(carry, xs):
         a, dt, theta_sum, ok = carry

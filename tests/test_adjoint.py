@@ -292,6 +292,39 @@ def test_vmap_and_grad_orderings(getkey, dtype, rtol):
     assert_tree_allclose(mean_weight, g1.weight, rtol=rtol)
 
 
+def test_vmap_with_per_sample_node_counts(getkey):
+    # Samples with different horizons take different numbers of steps, so each gets
+    # its own node count; under vmap the quadrature follows the largest count, with
+    # zero weights on the other samples' extra nodes.
+    field = _field(getkey())
+    y0 = jnp.array([0.3, -0.5])
+    t1s = jnp.array([0.5, 2.0, 6.0])
+
+    def loss(field, t1, adjoint):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(field),
+            dfx.Tsit5(),
+            0.0,
+            t1,
+            None,
+            y0,
+            {"scale": jnp.array(1.1)},
+            saveat=dfx.SaveAt(ts=jnp.linspace(0.1, 1.0, 3) * t1, t1=True),
+            stepsize_controller=dfx.PIDController(rtol=1e-9, atol=1e-9),
+            adjoint=adjoint,
+        )
+        return jnp.sum(jnp.sin(sol.ys)), sol.stats["num_steps"]
+
+    def per_sample(adjoint):
+        grad = eqx.filter_grad(lambda f, t1: loss(f, t1, adjoint), has_aux=True)
+        return eqx.filter_jit(eqx.filter_vmap(grad, in_axes=(None, 0)))(field, t1s)
+
+    (g_gq, steps) = per_sample(gqdiffrax.GQAdjoint(C=1.0, node_chunk=4))
+    (g_direct, _) = per_sample(dfx.RecursiveCheckpointAdjoint())
+    assert len(set(steps.tolist())) == 3, steps
+    assert_tree_allclose(g_gq, g_direct, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("T", [19.0, 24.0, 29.0])
 def test_paper_exponential_problem(T):
     # Section 5.1: dz/dt = a z, L = z(T)^2, a = 0.2, z0 = 10, rtol 1e-6, atol 1e-7.

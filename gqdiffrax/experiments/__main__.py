@@ -13,8 +13,8 @@ import sys
 TASKS = {
     "demo": (
         "demo",
-        "the README's main job (2-3 min on a CPU): nested spheres at one width with "
-        "direct, seminorm and gq; prints s/epoch, speedup and test accuracy",
+        "the README's main job (about 1 min on a 2-core CPU): nested spheres at one "
+        "width with direct, seminorm and gq; prints s/epoch, speedup and accuracy",
     ),
     "exponential": (
         "exponential",
