@@ -14,6 +14,10 @@ import equinox.internal as eqxi
 # `ys` as non-differentiable, exactly as `diffrax.BacksolveAdjoint` does.
 from diffrax._adjoint import _only_transpose_ys as only_transpose_ys  # noqa: F401
 from diffrax._heuristics import is_sde as is_sde
+
+# `loop`: diffrax's solve loop, so that a forward pass (saving, statistics, `max_steps`,
+# progress meters) is the one `diffeqsolve` makes with any adjoint.
+from diffrax._integrate import loop as diffrax_loop  # noqa: F401
 from diffrax._saveat import save_y as save_y
 
 # `WrapTerm`: how `diffeqsolve` normalises reverse-time solves (t0 > t1) to forward

@@ -37,17 +37,9 @@ from diffrax import (
     SubSaveAt,
     UnsafeBrownianPath,
 )
-
-# Private diffrax internals, used only in this module. Targets diffrax 0.7.2 (pinned
-# `>=0.7.2,<0.8`); revisit on a new minor version, together with `_make_grid` below.
-# - `_only_transpose_ys` marks every part of the final solver state except the saved
-#   `ys` as non-differentiable, as `diffrax.BacksolveAdjoint` does.
-# - `loop` is diffrax's solve loop, so that the forward pass (saving, statistics,
-#   `max_steps`, progress meters) is the one `diffeqsolve` makes with any adjoint.
-from diffrax._adjoint import _only_transpose_ys
-from diffrax._integrate import loop as _diffrax_loop
 from jaxtyping import Array
 
+from ._diffrax_internals import diffrax_loop, only_transpose_ys
 from ._ees import EES25, EES27
 
 
@@ -255,7 +247,7 @@ def _forward(y, solver_state, args, terms, *, solver, init_state, **kwargs):
         (y, solver_state),
         is_leaf=_is_none,
     )
-    return _diffrax_loop(
+    return diffrax_loop(
         args=args,
         terms=terms,
         solver=solver,
@@ -579,7 +571,7 @@ class ReversibleAdjoint(AbstractAdjoint):
             init_state=init_state,
             progress_meter=progress_meter,
         )
-        return _only_transpose_ys(final_state), aux_stats
+        return only_transpose_ys(final_state), aux_stats
 
 
 def _check_supported(solver, stepsize_controller, event, saveat, terms, max_steps, adj):

@@ -1,6 +1,6 @@
 """The README's main job: train the nested-spheres classifier at one width with the
 direct method, the seminorm adjoint and GQ, and compare seconds per epoch at equal
-test accuracy (about 2-3 minutes on a 2-core CPU)."""
+test accuracy (about a minute on an idle 2-core CPU)."""
 
 import functools as ft
 
