@@ -52,3 +52,21 @@ def test_docs_build_strict(tmp_path):
     adjoints = (site / "api" / "adjoints" / "index.html").read_text()
     assert "gqdiffrax.GQAdjoint" in adjoints
     assert 'class="arithmatex"' in adjoints
+
+
+def test_every_public_name_has_an_api_entry():
+    import gqdiffrax
+
+    public = {
+        name
+        for name in dir(gqdiffrax)
+        if not name.startswith("_") and callable(getattr(gqdiffrax, name))
+    }
+    entries = {
+        line.removeprefix("::: gqdiffrax.").strip()
+        for page in (ROOT / "docs" / "api").glob("*.md")
+        for line in page.read_text().splitlines()
+        if line.startswith("::: gqdiffrax.")
+    }
+    assert public, "no public names found"
+    assert public <= entries, f"no API entry for {sorted(public - entries)}"
