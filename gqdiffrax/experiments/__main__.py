@@ -72,8 +72,8 @@ def usage() -> str:
         "",
         "Runs one of the paper's experiments and writes JSON, CSV, a markdown summary "
         "and figures under --out (default: results/TASK). The default size of every "
-        "task takes minutes on a laptop CPU; --smoke takes seconds; --full is the "
-        "paper's protocol.",
+        "task takes minutes on a laptop CPU; --smoke is a quick check (mostly "
+        "compilation); --full is the paper's protocol.",
         "",
         "tasks:",
     ]
