@@ -557,7 +557,6 @@ def _gq_loop_bwd(
         controller = stepsize_controller
         first_dt = dt0
     chunk = min(self.node_chunk, self.max_nodes)
-    num_slots = -(-self.max_nodes // chunk) * chunk
     counts = num_nodes(self.C, nfe, times[1:] - times[:-1], t1 - t0, self.max_nodes)
 
     theta_arrays, theta_rest = eqx.partition(theta_static, eqx.is_array)
@@ -566,17 +565,8 @@ def _gq_loop_bwd(
         args_, vf_ = eqx.combine(theta_, arrays, theta_rest)
         return _wrapped_vf(vf_, direction_)(t, z, args_)
 
+    # Every piece ends at or before row n <= max_nodes: the rows need no padding.
     node_sum = _make_node_sum(f_nodes, chunk)
-
-    def quadrature(theta_sum, node_ts, node_ws, zs, as_, n):
-        pad = num_slots - self.max_nodes
-        pad_rows = lambda x: jnp.concatenate(
-            [x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]
-        )
-        node_ts, node_ws, zs, as_ = jtu.tree_map(pad_rows, (node_ts, node_ws, zs, as_))
-        return node_sum(
-            theta, theta_arrays, direction, theta_sum, node_ts, node_ws, zs, as_, n
-        )
 
     def interval(carry, xs):
         a, dt, theta_sum, ok = carry
@@ -607,8 +597,16 @@ def _gq_loop_bwd(
             dt = jnp.where(t_end > t_start, jnp.maximum(last, prev), dt)
         if want_theta:
             nodes = lambda x: x[:-1]
-            theta_sum = quadrature(
-                theta_sum, node_ts, node_ws, nodes(zs), jtu.tree_map(nodes, as_), n
+            theta_sum = node_sum(
+                theta,
+                theta_arrays,
+                direction,
+                theta_sum,
+                node_ts,
+                node_ws,
+                nodes(zs),
+                jtu.tree_map(nodes, as_),
+                n,
             )
         ok = ok & dfx.is_okay(sol.result)
         return (a, dt, theta_sum, ok), None

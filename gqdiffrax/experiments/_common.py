@@ -385,8 +385,8 @@ def count_nfe(loss: Callable, solve: Solve, params, *args) -> tuple[int, int]:
 
     The backward count is what the gradient evaluates beyond its forward pass: for
     `direct`, recomputation from checkpoints; for the adjoints, the backward solve (each
-    evaluation inside a VJP); for `gq` also one per quadrature node, padded to a
-    multiple of `GQAdjoint.node_chunk`. Compiled separately from the timed step."""
+    evaluation inside a VJP); for `gq` also one per quadrature node. Compiled
+    separately from the timed step."""
     fwd = dataclasses.replace(solve, count="forward")
     grad = dataclasses.replace(solve, count="gradient")
 
