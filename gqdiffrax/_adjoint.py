@@ -604,7 +604,7 @@ def _gq_loop_bwd(
                 theta_sum,
                 node_ts,
                 node_ws,
-                nodes(zs),
+                jtu.tree_map(nodes, zs),
                 jtu.tree_map(nodes, as_),
                 n,
             )
