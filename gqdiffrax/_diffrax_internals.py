@@ -20,6 +20,10 @@ from diffrax._heuristics import is_sde as is_sde
 from diffrax._integrate import loop as diffrax_loop  # noqa: F401
 from diffrax._saveat import save_y as save_y
 
+# `ControlToODE`: the vector field of the `ODETerm` that `ControlTerm.to_ode()` returns,
+# so that a term can be recognised as built by `to_ode()`.
+from diffrax._term import _ControlToODE as ControlToODE
+
 # `WrapTerm`: how `diffeqsolve` normalises reverse-time solves (t0 > t1) to forward
 # time before calling `adjoint.loop`.
 from diffrax._term import WrapTerm as WrapTerm
