@@ -20,7 +20,6 @@ $(\Delta t, \Delta W)$.
 from collections.abc import Callable
 from typing import ClassVar, TYPE_CHECKING
 
-import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -32,6 +31,8 @@ from diffrax import (
     ButcherTableau,
 )
 from jaxtyping import Array, ArrayLike, PyTree, Shaped
+
+from ._diffrax_internals import doc_remove_args
 
 
 if TYPE_CHECKING:
@@ -273,6 +274,6 @@ class EES27(AbstractEES):
 
 
 for _cls in (EES25, EES27):
-    eqxi.doc_remove_args("scan_kind")(_cls.__init__)
+    doc_remove_args("scan_kind")(_cls.__init__)
     _cls.__init__.__doc__ = """**Arguments:** None"""
 del _cls

@@ -14,10 +14,7 @@ Only the recomputed forward step is differentiated, never the reconstruction, so
 step's parameter cotangent is accumulated exactly once.
 """
 
-import functools as ft
-
 import equinox as eqx
-import equinox.internal as eqxi
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
@@ -28,32 +25,29 @@ from diffrax import (
     AbstractStepSizeController,
     AbstractTerm,
     ConstantStepSize,
-    ControlTerm,
     MultiTerm,
-    ODETerm,
     RESULTS,
     ReversibleHeun,
     StepTo,
-    SubSaveAt,
     UnsafeBrownianPath,
 )
 from jaxtyping import Array
 
-from ._diffrax_internals import diffrax_loop, only_transpose_ys
+from ._adjoint_common import (
+    check_saveat,
+    closure_convert_terms,
+    fill_cotangents,
+    lax_loop,
+    nondiff,
+    t0_cotangent,
+)
+from ._diffrax_internals import constant_step_count, only_transpose_ys, t1_clip_floor
 from ._ees import EES25, EES27
 
 
 _REVERSIBLE_SOLVERS = (EES25, EES27, ReversibleHeun)
 _FIXED_GRID_CONTROLLERS = (ConstantStepSize, StepTo)
-# The default `SubSaveAt(fn=...)`, i.e. "save y"; taken from the public API rather than
-# imported from `diffrax._saveat`.
-_SAVE_Y = SubSaveAt(t1=True).fn
-
-# The solves inside the custom VJP are never differentiated by JAX, so plain
-# `lax.while_loop`s suffice: no checkpointing, no per-step storage.
-_while_loop = ft.partial(
-    jax.named_call(eqxi.while_loop, name="reversible-loop"), kind="lax"
-)
+_NAME = "gqdiffrax.ReversibleAdjoint()"
 
 
 def _is_atomic_term(x) -> bool:
@@ -148,21 +142,6 @@ class _Checkpointing(AbstractSolver):
         return self.solver.func(terms, t0, y0, args)
 
 
-def _closure_convert_terms(terms, t, y, args):
-    # `filter_custom_vjp` only differentiates explicit inputs. Closure-converting each
-    # vector field hoists anything it closes over (the parameters of a lambda or of a
-    # plain function, as well as those of an `eqx.Module`) into array leaves of `terms`.
-    def _convert(term):
-        if isinstance(term, (ODETerm, ControlTerm)):
-            vector_field = eqx.filter_closure_convert(term.vector_field, t, y, args)
-            return eqx.tree_at(lambda x: x.vector_field, term, vector_field)
-        return term
-
-    return jtu.tree_map(
-        _convert, terms, is_leaf=lambda x: isinstance(x, (ODETerm, ControlTerm))
-    )
-
-
 class _Grid(eqx.Module):
     r"""The time grid as a closed form in the step index: `grid(n)` is $t_n$.
 
@@ -178,7 +157,8 @@ class _Grid(eqx.Module):
 
     - `ConstantStepSize`: the first step ends at $\min(t_0 + \Delta t_0, T)$ as set up
       by `diffeqsolve`, then $t_n = t_0 + n h$ with $h = (T - t_0)/N$ computed once,
-      and $t_N = T$: diffrax's grid up to the last bit.
+      and $t_N = T$: diffrax's grid to within two ULP (diffrax computes
+      $t_0 + (T - t_0)(n/N)$).
     - `StepTo(ts)`: $t_n$ = `ts[n]`.
 
     Both are clipped to $T$ within 100 ULP, as diffrax's solve loop does.
@@ -204,16 +184,11 @@ class _Grid(eqx.Module):
 
 def _make_grid(stepsize_controller, init_state, t1) -> _Grid:
     t0 = init_state.tprev
-    clip_floor = t1
-    for _ in range(100):
-        clip_floor = eqxi.prevbefore(clip_floor)
     if isinstance(stepsize_controller, StepTo):
         step = num_steps = None
         ts = stepsize_controller.ts
     else:
-        # diffrax 0.7.2's `ConstantStepSize` state is
-        # `(steps_completed, num_steps, t0, t1_or_dt0)`; reuse its number of steps.
-        _, num_steps, _, _ = init_state.controller_state
+        num_steps = constant_step_count(init_state.controller_state)
         step = (t1 - t0) / jnp.maximum(num_steps, 1).astype(jnp.result_type(t0))
         step = eqx.error_if(
             step,
@@ -221,7 +196,7 @@ def _make_grid(stepsize_controller, init_state, t1) -> _Grid:
             "`ReversibleAdjoint` needs a finite `t1` with `ConstantStepSize`.",
         )
         ts = None
-    return _Grid(t0, t1, init_state.tnext, clip_floor, step, num_steps, ts)
+    return _Grid(t0, t1, init_state.tnext, t1_clip_floor(t1), step, num_steps, ts)
 
 
 class _GridController(AbstractStepSizeController):
@@ -240,28 +215,19 @@ class _GridController(AbstractStepSizeController):
         return True, t1, self.grid(n + 1), False, n + 1, RESULTS.successful
 
 
-def _forward(y, solver_state, args, terms, *, solver, init_state, **kwargs):
+def _forward(self, y, solver_state, args, terms, *, init_state, **kwargs):
     init_state = eqx.tree_at(
         lambda s: (s.y, s.solver_state),
         init_state,
         (y, solver_state),
         is_leaf=_is_none,
     )
-    return diffrax_loop(
-        args=args,
-        terms=terms,
-        solver=solver,
-        init_state=init_state,
-        inner_while_loop=_while_loop,
-        outer_while_loop=_while_loop,
-        **kwargs,
-    )
+    return lax_loop(self._loop, args=args, terms=terms, init_state=init_state, **kwargs)
 
 
 @eqx.filter_custom_vjp
 def _reversible_loop(y__ss__args__terms, *, self, **kwargs):
-    del self
-    return _forward(*y__ss__args__terms, **kwargs)
+    return _forward(self, *y__ss__args__terms, **kwargs)
 
 
 @_reversible_loop.def_fwd
@@ -274,6 +240,7 @@ def _reversible_loop_fwd(
     if k is None:
         checkpoints = None
         final_state, aux_stats = _forward(
+            self,
             y,
             solver_state,
             args,
@@ -292,6 +259,7 @@ def _reversible_loop_fwd(
         )
         wrapped_state = (solver_state, jnp.asarray(0, jnp.int32), buffer)
         final_state, aux_stats = _forward(
+            self,
             y,
             wrapped_state,
             args,
@@ -342,13 +310,8 @@ def _reversible_loop_bwd(
 
     subsaveat = saveat.subs
     grad_ys = grad_final_state__aux_stats[0].save_state.ys
-    ys_struct = init_state.save_state.ys  # The (unfilled) output buffers.
-    grad_ys = jtu.tree_map(
-        lambda g, ys: jnp.zeros_like(ys) if g is None else g,
-        grad_ys,
-        ys_struct,
-        is_leaf=_is_none,
-    )
+    # The (unfilled) output buffers give the shapes of the missing cotangents.
+    grad_ys = fill_cotangents(init_state.save_state.ys, grad_ys)
     offset = 1 if subsaveat.t0 else 0
     num_ts = 0 if subsaveat.ts is None else len(subsaveat.ts)
     made_jump0 = init_state.made_jump
@@ -432,8 +395,7 @@ def _reversible_loop_bwd(
     carry = (num_steps, y_final, ss_final, a_y, a_ss, a_params)
     _, _, _, a_y, a_ss, a_params = lax.while_loop(lambda c: c[0] > 0, body, carry)
 
-    if subsaveat.t0:
-        a_y = jtu.tree_map(lambda a, g: a + g[0], a_y, grad_ys)
+    a_y = jtu.tree_map(jnp.add, a_y, t0_cotangent(saveat, grad_ys, a_y))
     if num_ts > 0:
         # When t0 == t1 no step is taken and every `ts` output is y0 itself.
         no_steps = num_steps == 0
@@ -548,7 +510,7 @@ class ReversibleAdjoint(AbstractAdjoint):
         init_state = eqx.tree_at(
             lambda s: s.controller_state, init_state, jnp.asarray(1, jnp.int32)
         )
-        terms = _closure_convert_terms(terms, init_state.tprev, init_state.y, args)
+        terms = closure_convert_terms(terms, init_state.tprev, init_state.y, args)
         y = init_state.y
         solver_state = init_state.solver_state
         # `y` and the solver state travel as differentiable inputs of the custom VJP:
@@ -557,27 +519,36 @@ class ReversibleAdjoint(AbstractAdjoint):
         init_state = eqx.tree_at(
             lambda s: (s.y, s.solver_state), init_state, (None, None), is_leaf=_is_none
         )
+        # The times are not differentiated: say so if they are, rather than leaving it
+        # to `filter_custom_vjp`'s generic complaint about its keyword arguments.
+        times = nondiff(
+            dict(
+                stepsize_controller=stepsize_controller,
+                saveat=saveat,
+                t0=t0,
+                t1=t1,
+                dt0=dt0,
+                init_state=init_state,
+            ),
+            name=f"With `adjoint={_NAME}`, the times (`t0`, `t1`, `dt0`, "
+            "`SaveAt(ts=...)`, `StepTo(ts=...)`)",
+        )
         final_state, aux_stats = _reversible_loop(
             (y, solver_state, args, terms),
             self=self,
             solver=solver,
-            stepsize_controller=stepsize_controller,
             event=event,
-            saveat=saveat,
-            t0=t0,
-            t1=t1,
-            dt0=dt0,
             max_steps=max_steps,
-            init_state=init_state,
             progress_meter=progress_meter,
+            **times,
         )
         return only_transpose_ys(final_state), aux_stats
 
 
 def _check_supported(solver, stepsize_controller, event, saveat, terms, max_steps, adj):
     """Raises, at trace time, for everything `ReversibleAdjoint` cannot do."""
-    # Exact type checks: `isinstance` would also accept e.g. `HalfSolver(EES25())`,
-    # whose step is not the one we know how to reverse.
+    # Exact type checks: a subclass may change the step (its tableau, or `step`
+    # itself), and then it is no longer the step we know how to reverse.
     if type(solver) not in _REVERSIBLE_SOLVERS:
         raise ValueError(
             "`ReversibleAdjoint` reconstructs the forward trajectory by stepping "
@@ -605,21 +576,7 @@ def _check_supported(solver, stepsize_controller, event, saveat, terms, max_step
             "`ReversibleAdjoint` replays each Brownian increment on the backward pass, "
             "which `UnsafeBrownianPath` cannot do. Use `diffrax.VirtualBrownianTree`."
         )
-    if not isinstance(saveat.subs, SubSaveAt):
-        raise NotImplementedError(
-            "`ReversibleAdjoint` does not support `SaveAt(subs=...)`."
-        )
-    if saveat.dense or saveat.subs.steps or saveat.controller_state:
-        raise NotImplementedError(
-            "`ReversibleAdjoint` does not support `SaveAt(steps=...)`, "
-            "`SaveAt(dense=True)` or `SaveAt(controller_state=True)`; save at explicit "
-            "times with `SaveAt(ts=...)`."
-        )
-    if saveat.subs.fn is not _SAVE_Y:
-        raise NotImplementedError(
-            "`ReversibleAdjoint` does not support `SaveAt(fn=...)`; save `y` and apply "
-            "the function to `sol.ys` afterwards."
-        )
+    check_saveat(saveat, _NAME)
     if adj.checkpoint_every is not None and max_steps is None:
         raise ValueError(
             "`ReversibleAdjoint(checkpoint_every=...)` allocates its checkpoints from "

@@ -486,7 +486,7 @@ def test_grid_is_context_independent(dtype):
     np.testing.assert_array_equal(batched, scalar)
     np.testing.assert_array_equal(looped, scalar)
     assert scalar[0] == t0 and scalar[1] == grid.first and scalar[-1] == t1
-    # Diffrax's `ConstantStepSize` grid, up to the last bit.
+    # Diffrax's `ConstantStepSize` grid, t0 + (t1 - t0) (n / N), to within two ULP.
     n = np.arange(2, num_steps, dtype=np.float64)
     expected = (0.1 + 1.2 * n / num_steps).astype(dtype)
     np.testing.assert_allclose(scalar[2:-1], expected, rtol=2 * np.finfo(dtype).eps)
@@ -613,3 +613,21 @@ def test_refusals():
             jnp.array(1.0),
             adjoint=_RA,
         )
+
+
+@pytest.mark.parametrize("field", ["controller_state", "solver_state", "made_jump"])
+def test_refuses_saving_solver_internals(field):
+    with pytest.raises(NotImplementedError, match=f"SaveAt\\({field}=True\\)"):
+        _solve(saveat=dfx.SaveAt(t1=True, **{field: True}))
+
+
+def test_times_are_not_differentiated():
+    def loss(t1):
+        term = dfx.ODETerm(lambda t, y, args: -y)
+        sol = dfx.diffeqsolve(
+            term, gqdiffrax.EES25(), 0.0, t1, 0.1, jnp.array(1.0), adjoint=_RA
+        )
+        return jnp.sum(sol.ys)
+
+    with pytest.raises(Exception, match="the times"):
+        jax.grad(loss)(jnp.asarray(1.0))
