@@ -176,9 +176,9 @@ class WienerSurrogate(diffrax.AbstractPath):
     same path (to rounding).
 
     The stored draws are behind `jax.lax.stop_gradient`: they are noise, not
-    parameters. An adjoint that integrates a gradient for every array of the vector
-    field (e.g. [`gqdiffrax.GQAdjoint`][] or `diffrax.BacksolveAdjoint`) carries an
-    all-zero one for `xi`, which is cheap for the usual small $m$; `running_sum=True`
+    parameters. An adjoint that integrates a gradient for every floating-point array of
+    the vector field, differentiated or not (e.g. `diffrax.BacksolveAdjoint`), carries
+    an all-zero one for `xi`, which is cheap for the usual small $m$; `running_sum=True`
     avoids it.
 
     !!! warning
@@ -194,34 +194,21 @@ class WienerSurrogate(diffrax.AbstractPath):
     !!! example "One surrogate per sample, fresh keys every step"
 
         ```python
-        def sample_loss(model, key, y0):
+        def sample(model, key, y0):
             bm = gqdiffrax.WienerSurrogate(t0, t1, (noise_dim,), key, num_terms=10)
             term = gqdiffrax.wong_zakai_term(model.drift, model.diffusion, bm)
             sol = diffrax.diffeqsolve(
                 term, diffrax.Dopri5(), t0, t1, 0.1, y0,
-                saveat=diffrax.SaveAt(ts=ts),
-                stepsize_controller=diffrax.PIDController(rtol=1e-3, atol=1e-3),
-                adjoint=gqdiffrax.GQAdjoint(),
+                saveat=diffrax.SaveAt(ts=ts), adjoint=gqdiffrax.GQAdjoint(),
             )
             return sol.ys
 
-        @eqx.filter_jit
-        def step(model, opt_state, key, y0s, data):
-            def loss_fn(model):
-                keys = jax.random.split(key, y0s.shape[0])  # one surrogate each
-                ys = jax.vmap(lambda k, y0: sample_loss(model, k, y0))(keys, y0s)
-                return distribution_loss(ys, data)
-
-            loss, grads = eqx.filter_value_and_grad(loss_fn)(model)
-            params = eqx.filter(model, eqx.is_inexact_array)
-            updates, opt_state = optim.update(grads, opt_state, params)
-            return eqx.apply_updates(model, updates), opt_state, loss
-
-        key = jax.random.key(0)
-        for y0s, data in batches:
-            key, subkey = jax.random.split(key)  # new noise every step
-            model, opt_state, loss = step(model, opt_state, subkey, y0s, data)
+        keys = jax.random.split(key, y0s.shape[0])  # a new `key` every training step
+        ys = jax.vmap(sample, in_axes=(None, 0, 0))(model, keys, y0s)
         ```
+
+        The neural-SDE example notebook (`notebooks/03_neural_sde.ipynb`) trains a
+        model this way.
 
     ??? cite "References"
 
@@ -387,12 +374,14 @@ class WienerSurrogate(diffrax.AbstractPath):
         return self._combine(jnp.sqrt(2 / span) * jnp.cos(omega * tau))
 
 
-def _noise_product(
+def _noise_rate(
     g: Array | lx.AbstractLinearOperator, rate: Array, y: PyTree[Array]
-) -> PyTree[Array]:
-    """The diffusion applied to the noise rate, contracted the way `diffrax.ControlTerm`
-    contracts a vector field with its control, with shape errors that say what to
-    change."""
+) -> Array:
+    """The noise rate in the dtype of the diffusion `g`, once `g` is checked to contract
+    with it into the shape of the state, with shape errors that say what to change.
+
+    The rate takes the precision of the model, so that a float32 model can use a
+    surrogate built with default (possibly float64) times."""
     if isinstance(g, lx.AbstractLinearOperator):
         in_struct = g.in_structure()
         if jtu.tree_structure(in_struct) != jtu.tree_structure(rate) or (
@@ -420,41 +409,46 @@ def _noise_product(
                 f"{out_struct}, but the state is {y_struct}; the operator must map "
                 "the noise to the shape of the state."
             )
-        # Noise takes the precision of the model, so a float32 model can use a
-        # surrogate built with default (possibly float64) times.
-        return g.mv(rate.astype(in_struct.dtype))
+        return rate.astype(in_struct.dtype)
     if not eqx.is_array(y):
         raise ValueError(
             "For a PyTree state, the diffusion must return a lineax operator (e.g. "
             "`lineax.PyTreeLinearOperator`) that maps the noise to the state; an array "
             "diffusion needs a single-array state."
         )
-    g = jnp.asarray(g)
+    shape = jnp.shape(g)
     want = jnp.shape(y) + rate.shape
-    if g.shape != want:
+    if shape != want:
         hint = ""
-        if g.shape[: jnp.ndim(y)] == jnp.shape(y) and g.ndim > jnp.ndim(y):
-            hint = f" or build the surrogate with `shape={g.shape[jnp.ndim(y) :]}`"
+        if shape[: jnp.ndim(y)] == jnp.shape(y) and len(shape) > jnp.ndim(y):
+            hint = f" or build the surrogate with `shape={shape[jnp.ndim(y) :]}`"
         raise ValueError(
-            f"The diffusion returned an array of shape {g.shape}, but the state has "
+            f"The diffusion returned an array of shape {shape}, but the state has "
             f"shape {jnp.shape(y)} and the surrogate's noise has shape {rate.shape}, "
             f"so it must have shape {want} (state dims then noise dims, contracted "
             f"with the noise as in `diffrax.ControlTerm`). Return that shape{hint}; "
             "for diagonal noise return `lineax.DiagonalLinearOperator(...)`."
         )
-    return jnp.tensordot(g, rate.astype(g.dtype), axes=rate.ndim)
+    return rate.astype(jnp.result_type(g))
 
 
 class _WongZakaiVectorField(eqx.Module):
+    r"""$f(t, y) + g(t, y)\,dB/dt(t)$, the noise part being the vector-field-control
+    product of `diffrax.ControlTerm(diffusion, surrogate)`, i.e. what its `to_ode()`
+    computes, with the rate cast to the dtype of the diffusion."""
+
     drift: _Drift
     diffusion: _Diffusion
     surrogate: diffrax.AbstractPath
 
     def __call__(self, t, y, args):
         f = self.drift(t, y, args)
-        noise = _noise_product(
-            self.diffusion(t, y, args), self.surrogate.derivative(t), y
-        )
+        noise_term = diffrax.ControlTerm(self.diffusion, self.surrogate)
+        # `vf` then `prod` rather than `vf_prod`: the rate takes the dtype of the
+        # diffusion, which is known only once the diffusion is evaluated.
+        g = noise_term.vf(t, y, args)
+        rate = _noise_rate(g, self.surrogate.derivative(t), y)
+        noise = noise_term.prod(g, rate)
         if jtu.tree_structure(f) != jtu.tree_structure(noise):
             raise ValueError(
                 "The drift must return a PyTree with the structure of the state "
@@ -478,8 +472,8 @@ def wong_zakai_term(
     ordinary `ODETerm`, so it works with every ODE solver and adjoint, including
     [`gqdiffrax.GQAdjoint`][]. Its vector field is an `eqx.Module` with fields
     `drift`, `diffusion` and `surrogate`, so parameters of `eqx.Module` drifts and
-    diffusions (and arrays they close over) receive gradients. The key of the
-    surrogate is an integer array and never does.
+    diffusions (and arrays they close over) receive gradients. The surrogate's key is
+    not a floating-point array and never does.
 
     `drift` and `diffusion` follow `diffrax.ODETerm` and `diffrax.ControlTerm`, so the
     same pair evaluates the SDE with [`gqdiffrax.sde_terms`][]:

@@ -699,6 +699,27 @@ def test_gradients_gq_adjoint_vs_recursive_checkpoint():
     assert values[0] != values[1]
 
 
+def test_wong_zakai_term_is_controlterm_product(getkey):
+    # The noise part is `diffrax.ControlTerm`'s own vector-field-control product, the
+    # vector field of its `to_ode()`, for array and lineax diffusions.
+    y = jnp.array([0.4, -1.2])
+    weight = jr.normal(getkey(), (2, 3))
+
+    def drift(t, y, args):
+        return -y * t
+
+    for noise_shape, diffusion in (
+        ((3,), lambda t, y, args: jnp.tanh(weight * y[:, None])),
+        ((2,), lambda t, y, args: lx.DiagonalLinearOperator(jnp.cos(y) + t)),
+    ):
+        w = gqdiffrax.WienerSurrogate(0.0, 1.0, noise_shape, getkey())
+        noise = diffrax.ControlTerm(diffusion, w).to_ode()
+        term = gqdiffrax.wong_zakai_term(drift, diffusion, w)
+        for t in (0.0, 0.37, 1.0):
+            expected = drift(t, y, None) + noise.vf(t, y, None)
+            np.testing.assert_allclose(term.vf(t, y, None), expected, rtol=1e-15)
+
+
 #
 # Errors
 #
