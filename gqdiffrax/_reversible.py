@@ -490,23 +490,21 @@ class ReversibleAdjoint(AbstractAdjoint):
         stepsize_controller,
         event,
         saveat,
-        t0,
         t1,
-        dt0,
         max_steps,
-        throw,
         init_state,
+        throw,
         passed_solver_state,
         passed_controller_state,
-        progress_meter,
+        **kwargs,
     ):
+        # `kwargs` (`t0`, `dt0`, `progress_meter`) go to diffrax's loop as they are.
         del throw, passed_solver_state, passed_controller_state
         _check_supported(
             solver, stepsize_controller, event, saveat, terms, max_steps, self
         )
         # Step on a grid that the backward pass can recompute bitwise; see `_Grid`.
         grid = _make_grid(stepsize_controller, init_state, t1)
-        stepsize_controller = _GridController(grid)
         init_state = eqx.tree_at(
             lambda s: s.controller_state, init_state, jnp.asarray(1, jnp.int32)
         )
@@ -519,28 +517,26 @@ class ReversibleAdjoint(AbstractAdjoint):
         init_state = eqx.tree_at(
             lambda s: (s.y, s.solver_state), init_state, (None, None), is_leaf=_is_none
         )
-        # The times are not differentiated: say so if they are, rather than leaving it
-        # to `filter_custom_vjp`'s generic complaint about its keyword arguments.
-        times = nondiff(
+        # Everything else enters the custom VJP as a keyword argument, which it does
+        # not differentiate. The only arrays there are times: if they are
+        # differentiated, say so by name rather than leaving it to `filter_custom_vjp`'s
+        # generic complaint about its keyword arguments.
+        kwargs = nondiff(
             dict(
-                stepsize_controller=stepsize_controller,
+                kwargs,
+                solver=solver,
+                stepsize_controller=_GridController(grid),
+                event=event,
                 saveat=saveat,
-                t0=t0,
                 t1=t1,
-                dt0=dt0,
+                max_steps=max_steps,
                 init_state=init_state,
             ),
             name=f"With `adjoint={_NAME}`, the times (`t0`, `t1`, `dt0`, "
             "`SaveAt(ts=...)`, `StepTo(ts=...)`)",
         )
         final_state, aux_stats = _reversible_loop(
-            (y, solver_state, args, terms),
-            self=self,
-            solver=solver,
-            event=event,
-            max_steps=max_steps,
-            progress_meter=progress_meter,
-            **times,
+            (y, solver_state, args, terms), self=self, **kwargs
         )
         return only_transpose_ys(final_state), aux_stats
 
