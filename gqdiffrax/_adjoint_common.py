@@ -28,17 +28,21 @@ def check_saveat(saveat: SaveAt, name: str) -> None:
     - `name`: how the messages name the adjoint, e.g. `"gqdiffrax.GQAdjoint()"`.
     """
     name = f"`adjoint={name}`"
+    dense_or_steps = (
+        f"{name} does not support `SaveAt(steps=True)` or `SaveAt(dense=True)`: "
+        "their outputs depend on every internal step, which the adjoint does not "
+        "store. Save at fixed times with `SaveAt(ts=...)`."
+    )
+    # `dense` first: `SaveAt(dense=True)` alone has no `subs` at all.
+    if saveat.dense:
+        raise NotImplementedError(dense_or_steps)
     if not isinstance(saveat.subs, SubSaveAt):
         raise NotImplementedError(
             f"{name} does not support `SaveAt(subs=...)`. Use a single "
             "`SaveAt(t0=..., t1=..., ts=...)`."
         )
-    if saveat.dense or saveat.subs.steps:
-        raise NotImplementedError(
-            f"{name} does not support `SaveAt(steps=True)` or `SaveAt(dense=True)`: "
-            "their outputs depend on every internal step, which the adjoint does not "
-            "store. Save at fixed times with `SaveAt(ts=...)`."
-        )
+    if saveat.subs.steps:
+        raise NotImplementedError(dense_or_steps)
     if saveat.subs.fn is not save_y:
         raise NotImplementedError(
             f"{name} does not support `SaveAt(fn=...)`. Save the state with "
@@ -51,8 +55,8 @@ def check_saveat(saveat: SaveAt, name: str) -> None:
     ]
     if extras:
         raise NotImplementedError(
-            f"{name} does not support {', '.join(extras)}: the adjoint returns no "
-            "gradient for the final solver state. Drop the option, or use "
+            f"{name} does not support {' or '.join(extras)}: it saves and "
+            "differentiates only `y`. Drop the option, or use "
             "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
         )
 

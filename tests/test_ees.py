@@ -615,10 +615,22 @@ def test_refusals():
         )
 
 
-@pytest.mark.parametrize("field", ["controller_state", "solver_state", "made_jump"])
-def test_refuses_saving_solver_internals(field):
-    with pytest.raises(NotImplementedError, match=f"SaveAt\\({field}=True\\)"):
-        _solve(saveat=dfx.SaveAt(t1=True, **{field: True}))
+@pytest.mark.parametrize(
+    "saveat, match",
+    [
+        (dfx.SaveAt(steps=True), "steps=True"),
+        (dfx.SaveAt(dense=True), "dense=True"),
+        (dfx.SaveAt(t1=True, fn=lambda t, y, args: y), "fn="),
+        (dfx.SaveAt(subs=[dfx.SubSaveAt(t1=True), dfx.SubSaveAt(t0=True)]), "subs="),
+    ]
+    + [
+        (dfx.SaveAt(t1=True, **{field: True}), f"{field}=True")
+        for field in ("controller_state", "solver_state", "made_jump")
+    ],
+)
+def test_refuses_saveat(saveat, match):
+    with pytest.raises(NotImplementedError, match=f"ReversibleAdjoint.*{match}"):
+        _solve(saveat=saveat)
 
 
 def test_times_are_not_differentiated():
