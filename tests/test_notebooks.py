@@ -2,7 +2,7 @@
 
 Each notebook runs in a fresh Jupyter kernel of the interpreter running pytest, with
 `GQDIFFRAX_NOTEBOOK_SMALL=1` so that it shrinks its sizes and finishes in under a minute
-on a 2-core CPU. Set `GQDIFFRAX_SKIP_NOTEBOOKS=1` to skip them.
+on a 2-core CPU. Those runs are `slow`: `pytest -m "not slow"` leaves them out.
 """
 
 import json
@@ -26,11 +26,6 @@ KERNEL_NAME = "gqdiffrax-tests"
 EXTRA_ENV = {
     "05_gpu_training": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
 }
-
-pytestmark = pytest.mark.skipif(
-    os.environ.get("GQDIFFRAX_SKIP_NOTEBOOKS") == "1",
-    reason="GQDIFFRAX_SKIP_NOTEBOOKS=1",
-)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +57,7 @@ def test_notebooks_stored_executed():
             assert all(o.output_type != "error" for o in cell.outputs), path.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))

@@ -1,4 +1,6 @@
-r"""Memory efficiency (Section 5.2, Figure 2): compiled memory of one gradient of
+r"""Fig. 2: compiled memory of the gradient against solver tolerance.
+
+Memory efficiency (Section 5.2, Figure 2): compiled memory of one gradient of
 $L = z(15)^2$, $\dot z = az$, against the solver tolerance.
 
 For each tolerance (rtol = atol) the forward solve's number of steps $n$ is measured
@@ -21,21 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _common
+from ._figures import pyplot
+from ._methods import memory_analysis, METHODS, ODE_METHODS, ode_solve, Solve
+from ._task import add_options, markdown_table, positive_float, presets, Result, Task
 
 
-TASK = "memory"
-DESCRIPTION = __doc__
 A, Z0, T = 0.2, 10.0, 15.0
-PRESETS = {
-    "smoke": dict(methods=["direct", "gq"], tols=[1e-3, 1e-5]),
-    "default": dict(
-        methods=["direct", "adjoint", "gq"], tols=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
-    ),
-    "full": dict(
-        methods=list(_common.ODE_METHODS), tols=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
-    ),
-}
+PRESETS = presets(
+    dict(methods=["direct", "adjoint", "gq"], tols=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7]),
+    smoke=dict(methods=["direct", "gq"], tols=[1e-3, 1e-5]),
+    full=dict(methods=list(ODE_METHODS)),
+)
 
 
 def _vector_field(t, z, a):
@@ -76,17 +74,13 @@ def loss(params, solve, checkpoints):
             max_steps=solve.max_steps,
         ).ys[-1]
     else:
-        zT = _common.ode_solve(solve, _vector_field, 0.0, T, z0, args=a).ys[-1]
+        zT = ode_solve(solve, _vector_field, 0.0, T, z0, args=a).ys[-1]
     return zT**2
 
 
 def add_arguments(parser):
-    parser.add_argument(
-        "--tols",
-        nargs="+",
-        type=_common.positive_float,
-        metavar="TOL",
-        help="tolerances (rtol = atol)",
+    add_options(
+        parser, positive_float, metavar="TOL", nargs="+", tols="rtol = atol values"
     )
     parser.add_argument(
         "--checkpoints",
@@ -97,16 +91,7 @@ def add_arguments(parser):
     )
 
 
-def main(argv=None):
-    args = _common.parse_args(
-        TASK,
-        DESCRIPTION,
-        PRESETS,
-        argv,
-        methods=_common.ODE_METHODS,
-        training=False,
-        add_arguments=add_arguments,
-    )
+def run(args) -> Result:
     with jax.enable_x64(True):
         rows = _run(args)
     by_tol = {}
@@ -114,7 +99,7 @@ def main(argv=None):
         by_tol.setdefault(row["tol"], {"steps": row["num_steps"]})[row["method"]] = row[
             "temp_bytes"
         ]
-    summary = _common.markdown_table(
+    summary = markdown_table(
         ["tol", "forward steps", *(f"{m} (bytes)" for m in args.methods)],
         [
             [f"{tol:g}", v["steps"], *(v[m] for m in args.methods)]
@@ -125,10 +110,7 @@ def main(argv=None):
         "\n\nTemporary memory of the compiled gradient (XLA `memory_analysis`), "
         f"max_steps = 2 x forward steps; direct stores {args.checkpoints} steps."
     )
-    _common.write_outputs(
-        args, rows, summary, figures={"fig2_memory.png": ft.partial(_plot, rows)}
-    )
-    return rows
+    return Result(rows, summary, {"fig2_memory.png": ft.partial(_plot, rows)})
 
 
 def _run(args):
@@ -138,14 +120,12 @@ def _run(args):
     for tol in args.tols:
         steps = int(num_steps(tol))
         for method in args.methods:
-            solve = _common.Solve(
-                method, rtol=tol, atol=tol, C=args.C, max_steps=2 * steps
-            )
+            solve = Solve(method, rtol=tol, atol=tol, C=args.C, max_steps=2 * steps)
             grad = jax.jit(
                 jax.grad(ft.partial(loss, solve=solve, checkpoints=args.checkpoints))
             )
             compiled = grad.lower(params).compile()
-            memory = compiled.memory_analysis()
+            memory = memory_analysis(compiled)
             # Run it too: the memory of a gradient that fails would mean nothing.
             g = np.array([float(x) for x in compiled(params)])
             rows.append(
@@ -164,11 +144,11 @@ def _run(args):
 
 
 def _plot(rows, path):
-    plt = _common.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
-        info = _common.METHODS[method]
+        info = METHODS[method]
         ax.plot(
             [-np.log10(r["tol"]) for r in mine],
             [np.log10(max(r["temp_bytes"], 1)) for r in mine],
@@ -186,3 +166,6 @@ def _plot(rows, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+TASK = Task("memory", __doc__, PRESETS, run, ODE_METHODS, arguments=add_arguments)

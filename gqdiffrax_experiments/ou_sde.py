@@ -1,4 +1,7 @@
-r"""Ornstein–Uhlenbeck neural SDE (Section 5.6, Appendix F, Figure 7 and Table 6).
+r"""Fig. 7 and Table 6: neural SDE on an Ornstein-Uhlenbeck process; GQ on the
+Wong-Zakai ODE against SDE direct/backsolve.
+
+Ornstein–Uhlenbeck neural SDE (Section 5.6, Appendix F, Figure 7 and Table 6).
 
 Data: $dx = (\mu t - \theta x)\,dt + (\sigma + \phi t) \circ dW$ with $\mu = 0.2$,
 $\theta = 0.1$, $\sigma = 0.6$, $\phi = 0.15$, $x_0 \sim U(-3, 3)$, observed every 0.1
@@ -30,16 +33,25 @@ import numpy as np
 
 import gqdiffrax
 
-from . import _common
+from . import _figures
+from ._methods import adjoint_for, counted, METHODS, ode_solve, Solve
+from ._task import (
+    add_options,
+    positive_float,
+    presets,
+    Result,
+    Task,
+    training_summary,
+    UsageError,
+)
+from ._train import Data, lr_from_table, Run, run_grid
 
 
-TASK = "ou-sde"
-DESCRIPTION = __doc__
 MU, THETA, SIGMA, PHI = 0.2, 0.1, 0.6, 0.15
 OBSERVATION_STEP = 0.1
 # Appendix F, Table 5.
 LEARNING_RATES = {5: 1e-3, 20: 5e-4, 50: 1e-4, 100: 1e-4}
-METHODS = (
+OU_METHODS = (
     "gq",
     "sde-direct",
     "sde-adjoint",
@@ -49,44 +61,16 @@ METHODS = (
     "adjoint",
     "seminorm",
 )
-PRESETS = {
-    "smoke": dict(
-        methods=["gq", "sde-adjoint"],
-        widths=[8],
-        seeds=1,
-        epochs=1,
-        batch_size=2,
-        num_train=2,
-        num_test=2,
-        num_paths=8,
-        t_end=1.0,
-        num_cosines=[10],
-    ),
-    "default": dict(
-        methods=["sde-direct", "sde-adjoint", "gq", "reversible"],
-        widths=[20],
-        seeds=1,
-        epochs=4,
-        batch_size=8,
-        num_train=16,
-        num_test=8,
-        num_paths=16,
-        t_end=10.0,
-        num_cosines=[10],
-    ),
-    "full": dict(
-        methods=["sde-direct", "sde-adjoint", "gq"],
-        widths=[5, 20, 50, 100],
-        seeds=5,
-        epochs=100,
-        batch_size=40,
-        num_train=200,
-        num_test=20,
-        num_paths=45,
-        t_end=10.0,
-        num_cosines=[10],
-    ),
-}
+PRESETS = presets(
+    dict(methods=["sde-direct", "sde-adjoint", "gq", "reversible"], widths=[20])
+    | dict(seeds=1, epochs=4, batch_size=8, num_train=16, num_test=8, num_paths=16)
+    | dict(t_end=10.0, num_cosines=[10]),
+    smoke=dict(methods=["gq", "sde-adjoint"], widths=[8], epochs=1, batch_size=2)
+    | dict(num_train=2, num_test=2, num_paths=8, t_end=1.0),
+    full=dict(methods=["sde-direct", "sde-adjoint", "gq"], widths=[5, 20, 50, 100])
+    | dict(seeds=5, epochs=100, batch_size=40, num_train=200, num_test=20)
+    | dict(num_paths=45),
+)
 
 
 def simulate(rng, num_ics, num_paths, t_end):
@@ -141,7 +125,7 @@ class NeuralSDE(eqx.Module):
         """Paths from each initial condition, shape (num_ics, num_paths, times)."""
         y0 = jnp.repeat(x0, self.num_paths)
         shape = y0.shape
-        if _common.METHODS[solve.method].kind == "ode":
+        if METHODS[solve.method].kind == "ode":
             if self.num_cosines == 0:
                 vf = self.drift
             else:
@@ -151,7 +135,7 @@ class NeuralSDE(eqx.Module):
                 vf = gqdiffrax.wong_zakai_term(
                     self.drift, self.diffusion, surrogate
                 ).vector_field
-            ys = _common.ode_solve(solve, vf, 0.0, self.t_end, y0, ts=ts).ys
+            ys = ode_solve(solve, vf, 0.0, self.t_end, y0, ts=ts).ys
         else:
             ys = sde_solve(self, solve, y0, ts, key).ys
         return ys.T.reshape(x0.shape[0], self.num_paths, ts.shape[0])
@@ -161,9 +145,7 @@ def sde_solve(model, solve, y0, ts, key):
     bm = dfx.VirtualBrownianTree(
         0.0, model.t_end, tol=solve.dt / 2, shape=y0.shape, key=key
     )
-    terms = gqdiffrax.sde_terms(
-        _common.counted(model.drift, solve), model.diffusion, bm
-    )
+    terms = gqdiffrax.sde_terms(counted(model.drift, solve), model.diffusion, bm)
     solver = gqdiffrax.EES25() if solve.method == "reversible" else dfx.ReversibleHeun()
     return dfx.diffeqsolve(
         terms,
@@ -173,7 +155,7 @@ def sde_solve(model, solve, y0, ts, key):
         solve.dt,
         y0,
         saveat=dfx.SaveAt(ts=ts),
-        adjoint=_common.adjoint_for(solve),
+        adjoint=adjoint_for(solve),
         max_steps=int(np.ceil(model.t_end / solve.dt)) + 16,
     )
 
@@ -208,10 +190,10 @@ def make_run(*, width, seed, method, num_cosines, args):
     x0, paths, ts = simulate(
         rng, args.num_train + args.num_test, args.num_paths, args.t_end
     )
-    train = _common.Data(
+    train = Data(
         (x0[: args.num_train], paths[: args.num_train]), shared=(ts.astype(np.float32),)
     )
-    test = _common.Data(
+    test = Data(
         (x0[args.num_train :], paths[args.num_train :]), shared=(ts.astype(np.float32),)
     )
     model = NeuralSDE(
@@ -221,79 +203,49 @@ def make_run(*, width, seed, method, num_cosines, args):
         t_end=float(ts[-1]),
         key=jr.key(seed),
     )
-    return _common.Run(
-        model=model,
-        loss=loss,
-        evaluate=evaluate,
-        train=train,
-        test=test,
-        batch_size=args.batch_size,
-        lr=_common.lr_from_table(LEARNING_RATES, width),
-    )
+    lr = lr_from_table(LEARNING_RATES, width)
+    return Run(model, loss, evaluate, train, test, args.batch_size, lr)
 
 
 def add_arguments(parser):
-    parser.add_argument(
-        "--num-cosines",
-        nargs="+",
-        type=int,
+    add_options(
+        parser,
+        int,
         metavar="M",
-        help="terms of the Wiener surrogate for ODE methods (Table 6: 0 1 5 10 25 50)",
+        nargs="+",
+        num_cosines="terms of the Wiener surrogate for ODE methods (Table 6: 0 1 5 "
+        "10 25 50)",
     )
     parser.add_argument(
         "--dt",
-        type=_common.positive_float,
+        type=positive_float,
         default=0.01,
         help="step of the SDE solvers, in training and evaluation (default: 0.01)",
     )
-    parser.add_argument(
-        "--num-train",
-        type=_common.positive_int,
-        metavar="N",
-        help="training initial conditions",
+    add_options(
+        parser,
+        num_train="training initial conditions",
+        num_test="test initial conditions",
+        num_paths="paths per initial condition, in the data and the model",
     )
-    parser.add_argument(
-        "--num-test",
-        type=_common.positive_int,
-        metavar="N",
-        help="test initial conditions",
-    )
-    parser.add_argument(
-        "--num-paths",
-        type=_common.positive_int,
-        metavar="N",
-        help="paths per initial condition, in the data and the model",
-    )
-    parser.add_argument(
-        "--t-end",
-        type=_common.positive_float,
-        metavar="T",
-        help="final observation time",
-    )
+    add_options(parser, positive_float, metavar="T", t_end="final observation time")
 
 
-def main(argv=None):
-    args = _common.parse_args(
-        TASK, DESCRIPTION, PRESETS, argv, methods=METHODS, add_arguments=add_arguments
-    )
-    needed = ["WienerSurrogate", "wong_zakai_term", "sde_terms"]
-    if {"reversible", "reversible-heun"} & set(args.methods):
-        needed += ["ReversibleAdjoint", "EES25"]
-    _common.require(*needed, task=TASK)
+def run(args) -> Result:
     if min(args.num_cosines) < 0:
-        raise _common.UsageError("--num-cosines must be non-negative")
+        raise UsageError("--num-cosines must be non-negative")
     if args.t_end < OBSERVATION_STEP:
-        raise _common.UsageError(f"--t-end must be at least {OBSERVATION_STEP}")
+        raise UsageError(f"--t-end must be at least {OBSERVATION_STEP}")
     if args.num_paths < 2:
-        raise _common.UsageError("--num-paths must be at least 2 to fit a Gaussian")
+        raise UsageError("--num-paths must be at least 2 to fit a Gaussian")
 
     def extra(method):
-        if _common.METHODS[method].kind == "sde":
+        if METHODS[method].kind == "sde":
             return [dict(num_cosines=None)]
         return [dict(num_cosines=m) for m in args.num_cosines]
 
-    evaluation = _common.Solve("sde-direct", dt=args.dt)
-    rows = _common.run_grid(
+    evaluation = Solve("sde-direct", dt=args.dt)
+    rows = run_grid(
         args,
         ft.partial(make_run, args=args),
         extra=extra,
@@ -301,27 +253,20 @@ def main(argv=None):
         eval_solve=lambda solve, config: evaluation,
     )
     keys = ("num_cosines", "method", "width")
-    summary = _common.summarise(
-        rows, keys, {**_common.TRAINING_COLUMNS, "final_metric": "test KL"}
-    )
+    summary = training_summary(rows, keys, "test KL")
     series = ("method",) if len(args.num_cosines) == 1 else ("method", "num_cosines")
-    _common.write_outputs(
-        args,
+    kl = "Test KL Divergence"
+    figures = _figures.training_figures(
         rows,
-        summary,
-        figures={
-            "fig7_scaling.png": ft.partial(
-                _common.plot_scaling,
-                rows,
-                metric_label="Test KL Divergence",
-                series_keys=series,
-            ),
-            "fig14_loss_curves.png": ft.partial(
-                _common.plot_curves,
-                rows,
-                loss_label="Test KL Divergence",
-                series_keys=series,
-            ),
-        },
+        "fig7_scaling.png",
+        "fig14_loss_curves.png",
+        metric=kl,
+        loss=kl,
+        series_keys=series,
     )
-    return rows
+    return Result(rows, summary, figures)
+
+
+TASK = Task(
+    "ou-sde", __doc__, PRESETS, run, OU_METHODS, training=True, arguments=add_arguments
+)

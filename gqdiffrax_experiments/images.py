@@ -1,4 +1,6 @@
-"""Image classification (Section 5.5, Appendix E.4, Figure 6): a convolutional neural
+"""Fig. 6: convolutional neural ODE on 8x8 digits (or MNIST with --data-dir).
+
+Image classification (Section 5.5, Appendix E.4, Figure 6): a convolutional neural
 ODE on scikit-learn's bundled 8x8 digits (no download), or on MNIST with
 `--data-dir` pointing at its IDX files.
 
@@ -9,6 +11,7 @@ one-hidden-layer MLP (50 units) gives the logits. The 8x8 digits are upsampled t
 16x16 (each pixel repeated), so that the ODE state is 10x5x5 instead of 10x1x1.
 """
 
+import dataclasses
 import functools as ft
 import gzip
 import pathlib
@@ -20,44 +23,22 @@ import jax.random as jr
 import numpy as np
 import optax
 
-from . import _common
+from . import _figures
+from ._methods import ode_solve
+from ._task import add_options, presets, Result, Task, training_summary, UsageError
+from ._train import Data, Run, run_grid
 
 
-TASK = "images"
-DESCRIPTION = __doc__
 # Appendix E.4: lr 1e-5 for MNIST. The digits set is 40 times smaller than MNIST, so
 # its default is larger.
 LR = {"mnist": 1e-5, "digits": 1e-3}
 METHODS = ("adjoint", "seminorm", "gq", "direct")
-PRESETS = {
-    "smoke": dict(
-        methods=["gq"],
-        widths=[4],
-        seeds=1,
-        epochs=1,
-        batch_size=16,
-        train_size=32,
-        test_size=16,
-    ),
-    "default": dict(
-        methods=["adjoint", "seminorm", "gq"],
-        widths=[16, 64],
-        seeds=1,
-        epochs=2,
-        batch_size=16,
-        train_size=512,
-        test_size=None,
-    ),
-    "full": dict(
-        methods=["adjoint", "seminorm", "gq"],
-        widths=[100, 200, 300, 400, 500],
-        seeds=3,
-        epochs=15,
-        batch_size=16,
-        train_size=None,
-        test_size=None,
-    ),
-}
+PRESETS = presets(
+    dict(methods=["adjoint", "seminorm", "gq"], widths=[16, 64], seeds=1, epochs=2)
+    | dict(batch_size=16, train_size=512, test_size=None),
+    smoke=dict(methods=["gq"], widths=[4], epochs=1, train_size=32, test_size=16),
+    full=dict(widths=[100, 200, 300, 400, 500], seeds=3, epochs=15, train_size=None),
+)
 MNIST_FILES = {
     "train_x": "train-images-idx3-ubyte",
     "train_y": "train-labels-idx1-ubyte",
@@ -90,14 +71,14 @@ def load_mnist(data_dir: pathlib.Path):
         candidates = [data_dir / stem, data_dir / f"{stem}.gz"]
         path = next((p for p in candidates if p.is_file()), None)
         if path is None:
-            raise _common.UsageError(
+            raise UsageError(
                 f"--data-dir {data_dir}: no {stem} (or {stem}.gz); expected the four "
                 f"MNIST IDX files {', '.join(MNIST_FILES.values())}"
             )
         try:
             arrays[name] = read_idx(path)
         except (OSError, ValueError, EOFError) as e:
-            raise _common.UsageError(f"--data-dir: cannot read {path}: {e}") from None
+            raise UsageError(f"--data-dir: cannot read {path}: {e}") from None
     scale = lambda x: (x[:, None] / np.float32(255)).astype(np.float32)
     return (
         (scale(arrays["train_x"]), arrays["train_y"].astype(np.int32)),
@@ -170,7 +151,7 @@ class ConvODEClassifier(eqx.Module):
             return self.down[1](jax.nn.relu(x))
 
         z0 = jax.vmap(downsample)(x)
-        z1 = _common.ode_solve(solve, self.field, 0.0, 1.0, z0).ys[-1]
+        z1 = ode_solve(solve, self.field, 0.0, 1.0, z0).ys[-1]
         logits = jax.vmap(self.head)(z1.reshape(z1.shape[0], -1))
         return logits, state
 
@@ -204,17 +185,8 @@ def make_run(*, width, seed, method, args):
     model, state = eqx.nn.make_with_state(ConvODEClassifier)(
         train[0].shape[-1], width, key=jr.key(seed)
     )
-    return _common.Run(
-        model=model,
-        state=state,
-        loss=loss,
-        evaluate=evaluate,
-        train=_common.Data(train),
-        test=_common.Data(test),
-        batch_size=args.batch_size,
-        lr=lr,
-        eval_batch=256,
-    )
+    run = Run(model, loss, evaluate, Data(train), Data(test), args.batch_size, lr)
+    return dataclasses.replace(run, state=state, eval_batch=256)
 
 
 def add_arguments(parser):
@@ -226,52 +198,36 @@ def add_arguments(parser):
         "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
         "(optionally .gz) in DIR, instead of the bundled 8x8 digits",
     )
-    parser.add_argument(
-        "--train-size",
-        type=_common.positive_int,
-        metavar="N",
-        help="use the first N training images",
-    )
-    parser.add_argument(
-        "--test-size",
-        type=_common.positive_int,
-        metavar="N",
-        help="use the first N test images",
+    add_options(
+        parser,
+        train_size="use the first N training images",
+        test_size="use the first N test images",
     )
 
 
-def main(argv=None):
-    args = _common.parse_args(
-        TASK, DESCRIPTION, PRESETS, argv, methods=METHODS, add_arguments=add_arguments
-    )
+def run(args) -> Result:
     if args.data_dir is not None:
         if not args.data_dir.is_dir():
-            raise _common.UsageError(f"--data-dir {args.data_dir} is not a directory")
+            raise UsageError(f"--data-dir {args.data_dir} is not a directory")
         load_mnist(args.data_dir)  # Fail now, not after the first method has trained.
     elif args.size == "full":
         print(
             "note: --full without --data-dir runs the paper's protocol on the 8x8 "
             "digits, not on MNIST"
         )
-    rows = _common.run_grid(args, ft.partial(make_run, args=args))
-    summary = _common.summarise(
+    rows = run_grid(args, ft.partial(make_run, args=args))
+    summary = training_summary(rows, ("method", "width"), "test accuracy (%)")
+    figures = _figures.training_figures(
         rows,
-        ("method", "width"),
-        {**_common.TRAINING_COLUMNS, "final_metric": "test accuracy (%)"},
+        "fig6_scaling.png",
+        "fig10_loss_curves.png",
+        metric="Test Accuracy (%)",
+        xlabel="Hidden Channels",
     )
-    _common.write_outputs(
-        args,
-        rows,
-        summary,
-        figures={
-            "fig6_scaling.png": ft.partial(
-                _common.plot_scaling,
-                rows,
-                metric_label="Test Accuracy (%)",
-                xlabel="Hidden Channels",
-            ),
-            "fig10_loss_curves.png": ft.partial(_common.plot_curves, rows),
-        },
-        extra=dict(dataset="mnist" if args.data_dir else "digits"),
-    )
-    return rows
+    dataset = "mnist" if args.data_dir else "digits"
+    return Result(rows, summary, figures, extra=dict(dataset=dataset))
+
+
+TASK = Task(
+    "images", __doc__, PRESETS, run, METHODS, training=True, arguments=add_arguments
+)

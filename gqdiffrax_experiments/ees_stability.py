@@ -1,5 +1,8 @@
-r"""Stability of EES25/EES27 against ReversibleHeun and Heun at growing step sizes,
-and the gradient error of `ReversibleAdjoint`.
+r"""Stability of the near-reversible EES25/EES27 solvers, and the gradient error of
+ReversibleAdjoint.
+
+EES25 and EES27 against ReversibleHeun and Heun at growing step sizes, and the
+gradient error of `ReversibleAdjoint`.
 
 Two Stratonovich SDEs, solved with constant steps $h$:
 
@@ -20,15 +23,13 @@ with `diffrax.RecursiveCheckpointAdjoint` (exact for the discrete solve), for ev
 stable $h$; the relative $L^2$ error over all parameters is reported. Heun is not
 reversible and is there for its stability only.
 
-Run with `python -m gqdiffrax.experiments ees-stability [--smoke] [--out DIR]`; writes
-`results.md`, `results.json` and `ees_stability.png` under `--out`.
+Here `--smoke` is the linear problem with EES25 and Heun at two step sizes, and `--full`
+the default grid with more Brownian paths.
 """
 
-import argparse
-import json
+import functools as ft
 import math
 import pathlib
-import time
 
 import diffrax as dfx
 import equinox as eqx
@@ -38,6 +39,10 @@ import jax.random as jr
 import lineax as lx
 
 import gqdiffrax
+
+from ._figures import pyplot
+from ._methods import adjoint_for, relative_error, Solve
+from ._task import add_options, positive_float, presets, Result, Task
 
 
 SOLVERS = {
@@ -49,35 +54,23 @@ SOLVERS = {
 REVERSIBLE = ("EES25", "EES27", "ReversibleHeun")
 COLORS = {"EES25": "tab:blue", "EES27": "tab:purple", "ReversibleHeun": "tab:brown"}
 COLORS["Heun"] = "k"
-PRESETS = {
-    "smoke": dict(
-        problems=("linear",),
-        solvers=("EES25", "Heun"),
-        step_sizes=(0.25, 2.0),
-        num_paths=2,
-        width=8,
-    ),
-    "default": dict(
-        problems=("linear", "neural"),
-        solvers=tuple(SOLVERS),
-        step_sizes=(
-            1 / 32,
-            1 / 16,
-            1 / 8,
-            1 / 4,
-            1 / 2,
-            3 / 4,
-            1.0,
-            1.25,
-            1.5,
-            1.75,
-            2.0,
-            2.25,
-        ),
-        num_paths=8,
-        width=16,
-    ),
-}
+# Step sizes h of the default grid: 1/32 to 1/2 in powers of two, then to 2.25.
+STEP_SIZES = [2.0**-k for k in (5, 4, 3, 2, 1)] + [
+    0.75,
+    1.0,
+    1.25,
+    1.5,
+    1.75,
+    2.0,
+    2.25,
+]
+PRESETS = presets(
+    dict(problems=["linear", "neural"], solvers=list(SOLVERS), num_paths=8, width=16)
+    | dict(step_sizes=STEP_SIZES, seed=0),
+    smoke=dict(problems=["linear"], solvers=["EES25", "Heun"], step_sizes=[0.25, 2.0])
+    | dict(num_paths=2, width=8),
+    full=dict(num_paths=64),
+)
 PROBE_STEPS = 64
 BLOW_UP = 1e3
 T = 4.0  # Horizon of the gradient comparison.
@@ -169,37 +162,25 @@ def _loss(params, problem, solver, adjoint, keys, dt, max_steps):
 
 
 _grad = eqx.filter_jit(eqx.filter_grad(_loss))
+# The exact gradient of the discrete solve, and the one under test.
+EXACT, REVERSIBLE_ADJOINT = (
+    adjoint_for(Solve("sde-direct")),
+    adjoint_for(Solve("reversible")),
+)
 
 
-def _rel_error(grads, exact):
-    flat = lambda tree: jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
-    g, e = flat(grads), flat(exact)
-    return float(jnp.linalg.norm(g - e) / jnp.linalg.norm(e))
-
-
-def run(
-    *,
-    problems=PRESETS["default"]["problems"],
-    solvers=PRESETS["default"]["solvers"],
-    step_sizes=PRESETS["default"]["step_sizes"],
-    num_paths=PRESETS["default"]["num_paths"],
-    width=PRESETS["default"]["width"],
-    seed=0,
-    verbose=False,
-) -> dict:
-    """Runs the experiment and returns its results as a JSON-serialisable dict:
-    `config`, one row per (problem, solver, step size) in `rows`, and the largest
-    stable step size per problem and solver in `largest_stable_h`."""
-    start = time.perf_counter()
-    step_sizes = tuple(sorted(float(h) for h in step_sizes))
+def _run(args) -> tuple[list[dict], dict]:
+    """One row per (problem, solver, step size), and the largest stable step size per
+    problem and solver."""
+    step_sizes = sorted(args.step_sizes)
     max_steps = math.ceil(T / step_sizes[0]) + 1
-    keys = jr.split(jr.key(seed), num_paths)
+    keys = jr.split(jr.key(args.seed), args.num_paths)
     rows = []
     with jax.enable_x64(True):
-        for problem in problems:
-            params = _params(problem, width, jr.key(seed + 1))
+        for problem in args.problems:
+            params = _params(problem, args.width, jr.key(args.seed + 1))
             scale = max(1.0, float(jnp.max(jnp.abs(params[0]))))
-            for name in solvers:
+            for name in args.solvers:
                 solver = SOLVERS[name]
                 for h in step_sizes:
                     dt = jnp.asarray(h)
@@ -207,66 +188,36 @@ def run(
                     stable = math.isfinite(y_max) and y_max <= BLOW_UP * scale
                     error = None
                     if name in REVERSIBLE and stable:
-                        fixed = (problem, solver)
-                        exact = _grad(
-                            params,
-                            *fixed,
-                            dfx.RecursiveCheckpointAdjoint(),
-                            keys,
-                            dt,
-                            max_steps,
+                        grads = [
+                            _grad(params, problem, solver, adj, keys, dt, max_steps)
+                            for adj in (REVERSIBLE_ADJOINT, EXACT)
+                        ]
+                        error = relative_error(*grads)
+                    rows.append(
+                        dict(
+                            problem=problem,
+                            solver=name,
+                            h=h,
+                            stable=stable,
+                            probe_max_abs_y=y_max if math.isfinite(y_max) else None,
+                            grad_rel_error=error,
                         )
-                        grads = _grad(
-                            params,
-                            *fixed,
-                            gqdiffrax.ReversibleAdjoint(),
-                            keys,
-                            dt,
-                            max_steps,
-                        )
-                        error = _rel_error(grads, exact)
-                    row = dict(
-                        problem=problem,
-                        solver=name,
-                        h=h,
-                        stable=stable,
-                        probe_max_abs_y=y_max if math.isfinite(y_max) else None,
-                        grad_rel_error=error,
                     )
-                    rows.append(row)
-                    if verbose:
-                        print(row, flush=True)
-
-    def largest(problem, name):
-        hs = [
-            r["h"]
-            for r in rows
-            if r["problem"] == problem and r["solver"] == name and r["stable"]
-        ]
-        return max(hs, default=None)
-
-    config = dict(
-        problems=list(problems),
-        solvers=list(solvers),
-        step_sizes=list(step_sizes),
-        num_paths=num_paths,
-        seed=seed,
-        probe_steps=PROBE_STEPS,
-        blow_up=BLOW_UP,
-        T=T,
-        num_saves=NUM_SAVES,
-        linear=dict(lam=LAMBDA, mu=MU),
-        neural=dict(dim=DIM, decay=DECAY, sigma=SIGMA, width=width),
-        seconds=round(time.perf_counter() - start, 1),
-    )
-    return dict(
-        config=config,
-        rows=rows,
-        largest_stable_h={
-            problem: {name: largest(problem, name) for name in solvers}
-            for problem in problems
-        },
-    )
+    largest = {
+        problem: {
+            name: max(
+                (
+                    r["h"]
+                    for r in rows
+                    if r["problem"] == problem and r["solver"] == name and r["stable"]
+                ),
+                default=None,
+            )
+            for name in args.solvers
+        }
+        for problem in args.problems
+    }
+    return rows, largest
 
 
 def markdown(results: dict) -> str:
@@ -309,11 +260,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
     """Top row: max |y| after the probe's steps against h (non-finite values drawn at
     the top edge).
     Bottom row: the relative gradient error of the reversible solvers."""
-    import matplotlib
+    plt = pyplot()
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     config = results["config"]
     problems = config["problems"]
@@ -356,36 +304,43 @@ def plot(results: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m gqdiffrax.experiments ees-stability",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def add_arguments(parser):
+    for flag, choices in (("--problems", ("linear", "neural")), ("--solvers", SOLVERS)):
+        parser.add_argument(flag, nargs="+", choices=tuple(choices))
+    add_options(parser, positive_float, metavar="H", nargs="+", step_sizes="steps h")
+    add_options(
+        parser, num_paths="Brownian paths", width="width of the neural SDE's MLPs"
     )
-    parser.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=pathlib.Path("results/ees-stability"),
-        help="directory for results.md, results.json and ees_stability.png",
-    )
-    parser.add_argument(
-        "--smoke",
-        action="store_true",
-        help="the linear problem, EES25 and Heun, two step sizes, two paths",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    preset = PRESETS["smoke" if args.smoke else "default"]
-    results = run(**preset, seed=args.seed)
-    table = markdown(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.md").write_text(table + "\n")
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, args.out / "ees_stability.png")
-    print(table)
-    print(f"\nWrote {args.out}/results.md, results.json, ees_stability.png")
-    return results
+    parser.add_argument("--seed", type=int, help="PRNG seed of paths and parameters")
 
 
-if __name__ == "__main__":
-    main()
+def run(args) -> Result:
+    rows, largest = _run(args)
+    results = dict(
+        config=dict(
+            problems=args.problems,
+            solvers=args.solvers,
+            step_sizes=sorted(args.step_sizes),
+            num_paths=args.num_paths,
+            blow_up=BLOW_UP,
+        ),
+        rows=rows,
+        largest_stable_h=largest,
+    )
+    settings = dict(
+        probe_steps=PROBE_STEPS,
+        blow_up=BLOW_UP,
+        T=T,
+        num_saves=NUM_SAVES,
+        linear=dict(lam=LAMBDA, mu=MU),
+        neural=dict(dim=DIM, decay=DECAY, sigma=SIGMA),
+    )
+    return Result(
+        rows,
+        markdown(results),
+        {"ees_stability.png": ft.partial(plot, results)},
+        extra=dict(largest_stable_h=largest, settings=settings),
+    )
+
+
+TASK = Task("ees-stability", __doc__, PRESETS, run, arguments=add_arguments)

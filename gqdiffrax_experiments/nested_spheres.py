@@ -1,4 +1,6 @@
-"""Nested spheres (Section 5.3, Appendix E.2, Figure 4): an augmented neural ODE
+"""Fig. 4: augmented neural ODE classifier, training time and accuracy vs width.
+
+Nested spheres (Section 5.3, Appendix E.2, Figure 4): an augmented neural ODE
 classifies points inside a disc of radius 0.4 against points in the annulus
 0.7 < |x| < 0.9, which no plain neural ODE can separate."""
 
@@ -9,11 +11,13 @@ import jax.random as jr
 import numpy as np
 import optax
 
-from . import _common
+from . import _figures
+from ._methods import ODE_METHODS
+from ._models import AugmentedODE
+from ._task import add_options, presets, Result, Task, training_summary
+from ._train import Data, lr_from_table, Run, run_grid
 
 
-TASK = "nested-spheres"
-DESCRIPTION = __doc__
 # Appendix E.2, Table 1.
 LEARNING_RATES = {
     5: 5e-3,
@@ -27,39 +31,17 @@ LEARNING_RATES = {
     3000: 1e-4,
 }
 RADII = (0.4, 0.7, 0.9)
-PRESETS = {
-    "smoke": dict(
-        methods=["gq"],
-        widths=[8],
-        seeds=1,
-        epochs=1,
-        batch_size=20,
-        train_per_class=20,
-        test_per_class=5,
-    ),
+PRESETS = presets(
     # Minutes on a 2-core CPU. With the paper's batch of 200 and lr by width, the
     # models need hundreds of steps to leave the initial plateau; batch 50 and lr 5e-3
     # (the paper's lr for width 20) leave it within this budget (see `demo`).
-    "default": dict(
-        methods=list(_common.ODE_METHODS),
-        widths=[20, 100],
-        seeds=1,
-        epochs=20,
-        batch_size=50,
-        train_per_class=500,
-        test_per_class=50,
-        lr=5e-3,
-    ),
-    "full": dict(
-        methods=list(_common.ODE_METHODS),
-        widths=[5, 20, 100, 500, 1000, 1500, 2000, 2500, 3000],
-        seeds=10,
-        epochs=100,
-        batch_size=200,
-        train_per_class=1000,
-        test_per_class=50,
-    ),
-}
+    dict(methods=list(ODE_METHODS), widths=[20, 100], seeds=1, epochs=20)
+    | dict(batch_size=50, train_per_class=500, test_per_class=50, lr=5e-3),
+    smoke=dict(methods=["gq"], widths=[8], epochs=1, batch_size=20, lr=None)
+    | dict(train_per_class=20, test_per_class=5),
+    full=dict(widths=[5, 20, 100, 500, 1000, 1500, 2000, 2500, 3000], seeds=10)
+    | dict(epochs=100, batch_size=200, train_per_class=1000, lr=None),
+)
 
 
 def sample(rng: np.random.Generator, per_class: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,32 +83,16 @@ def make_run(
     del method, C
     rng = np.random.default_rng(seed)
     train, test = sample(rng, train_per_class), sample(rng, test_per_class)
-    model = _common.AugmentedODE(
-        2, 3, width, out_size=2, time_dependent=True, key=jr.key(seed)
-    )
-    return _common.Run(
-        model=model,
-        loss=loss,
-        evaluate=evaluate,
-        train=_common.Data(train),
-        test=_common.Data(test),
-        batch_size=batch_size,
-        lr=_common.lr_from_table(LEARNING_RATES, width),
-    )
+    model = AugmentedODE(2, 3, width, out_size=2, time_dependent=True, key=jr.key(seed))
+    lr = lr_from_table(LEARNING_RATES, width)
+    return Run(model, loss, evaluate, Data(train), Data(test), batch_size, lr)
 
 
 def add_arguments(parser):
-    parser.add_argument(
-        "--train-per-class",
-        type=_common.positive_int,
-        metavar="N",
-        help="training points per class",
-    )
-    parser.add_argument(
-        "--test-per-class",
-        type=_common.positive_int,
-        metavar="N",
-        help="test points per class",
+    add_options(
+        parser,
+        train_per_class="training points per class",
+        test_per_class="test points per class",
     )
 
 
@@ -139,33 +105,24 @@ def run_method_grid(args, *, extra=({},)):
         test_per_class=args.test_per_class,
         batch_size=args.batch_size,
     )
-    return _common.run_grid(args, make, extra=extra)
+    return run_grid(args, make, extra=extra)
 
 
-def main(argv=None):
-    args = _common.parse_args(
-        TASK,
-        DESCRIPTION,
-        PRESETS,
-        argv,
-        methods=_common.ODE_METHODS,
-        add_arguments=add_arguments,
-    )
+def run(args) -> Result:
     rows = run_method_grid(args)
-    summary = _common.summarise(
-        rows,
-        ("method", "width"),
-        {**_common.TRAINING_COLUMNS, "final_metric": "test accuracy (%)"},
+    summary = training_summary(rows, ("method", "width"), "test accuracy (%)")
+    figures = _figures.training_figures(
+        rows, "fig4_scaling.png", "fig8_loss_curves.png", metric="Test Accuracy (%)"
     )
-    _common.write_outputs(
-        args,
-        rows,
-        summary,
-        figures={
-            "fig4_scaling.png": ft.partial(
-                _common.plot_scaling, rows, metric_label="Test Accuracy (%)"
-            ),
-            "fig8_loss_curves.png": ft.partial(_common.plot_curves, rows),
-        },
-    )
-    return rows
+    return Result(rows, summary, figures)
+
+
+TASK = Task(
+    "nested-spheres",
+    __doc__,
+    PRESETS,
+    run,
+    ODE_METHODS,
+    training=True,
+    arguments=add_arguments,
+)

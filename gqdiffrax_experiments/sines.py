@@ -1,4 +1,7 @@
-r"""Sines (Section 5.4, Appendix E.3, Figure 5 and Table 4): a second-order neural ODE
+r"""Fig. 5 and Table 4: second-order neural ODE on sine curves, 10/50 regular or
+irregular times.
+
+Sines (Section 5.4, Appendix E.3, Figure 5 and Table 4): a second-order neural ODE
 learns the acceleration of $\ddot x = -x$ from 15 sine curves.
 
 Every series starts from its given position and velocity $x_0, v_0 \sim U(-1, 1)$ and
@@ -17,48 +20,22 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
-from . import _common
+from . import _figures
+from ._methods import ODE_METHODS, ode_solve
+from ._task import add_options, presets, Result, Task, training_summary, UsageError
+from ._train import Data, lr_from_table, Run, run_grid
 
 
-TASK = "sines"
-DESCRIPTION = __doc__
 # Appendix E.3, Table 3.
 LEARNING_RATES = {5: 2e-2, 20: 8e-3, 200: 5e-4, 1000: 3e-5, 2000: 1e-5}
-PRESETS = {
-    "smoke": dict(
-        methods=["gq"],
-        widths=[8],
-        seeds=1,
-        epochs=1,
-        batch_size=3,
-        num_train=3,
-        num_test=2,
-        num_times=[10],
-        regularity=["regular"],
-    ),
-    "default": dict(
-        methods=list(_common.ODE_METHODS),
-        widths=[20, 200],
-        seeds=1,
-        epochs=30,
-        batch_size=15,
-        num_train=15,
-        num_test=5,
-        num_times=[50],
-        regularity=["regular"],
-    ),
-    "full": dict(
-        methods=list(_common.ODE_METHODS),
-        widths=[5, 20, 200, 1000, 2000],
-        seeds=5,
-        epochs=250,
-        batch_size=15,
-        num_train=15,
-        num_test=5,
-        num_times=[50],
-        regularity=["regular"],
-    ),
-}
+PRESETS = presets(
+    dict(methods=list(ODE_METHODS), widths=[20, 200], seeds=1, epochs=30)
+    | dict(batch_size=15, num_train=15, num_test=5, num_times=[50])
+    | dict(regularity=["regular"]),
+    smoke=dict(methods=["gq"], widths=[8], epochs=1, batch_size=3, num_train=3)
+    | dict(num_test=2, num_times=[10]),
+    full=dict(widths=[5, 20, 200, 1000, 2000], seeds=5, epochs=250),
+)
 
 
 class SecondOrderODE(eqx.Module):
@@ -79,7 +56,7 @@ class SecondOrderODE(eqx.Module):
     def __call__(self, y0, ts, solve):
         """Positions of the batch `y0 = [x0, v0]` at the times `ts`, shape (batch,
         times)."""
-        ys = _common.ode_solve(solve, self.field, 0.0, ts[-1], y0, ts=ts).ys
+        ys = ode_solve(solve, self.field, 0.0, ts[-1], y0, ts=ts).ys
         return ys[..., 0].T
 
 
@@ -97,7 +74,7 @@ def sample(rng, num_series, num_times, regularity):
     mask = (own[:, :, None] == ts[None, None, :]).any(axis=1)
     target = y0[:, :1] * np.cos(ts) + y0[:, 1:] * np.sin(ts)
     f32 = lambda x: x.astype(np.float32)
-    return _common.Data((f32(y0), f32(target), f32(mask)), shared=(f32(ts),))
+    return Data((f32(y0), f32(target), f32(mask)), shared=(f32(ts),))
 
 
 def _per_series_mse(model, samples, shared, solve):
@@ -123,24 +100,14 @@ def make_run(*, width, seed, method, num_times, regularity, args):
     rng = np.random.default_rng(seed)
     train = sample(rng, args.num_train, num_times, regularity)
     test = sample(rng, args.num_test, num_times, regularity)
-    return _common.Run(
-        model=SecondOrderODE(width, key=jr.key(seed)),
-        loss=loss,
-        evaluate=evaluate,
-        train=train,
-        test=test,
-        batch_size=args.batch_size,
-        lr=_common.lr_from_table(LEARNING_RATES, width),
-    )
+    model = SecondOrderODE(width, key=jr.key(seed))
+    lr = lr_from_table(LEARNING_RATES, width)
+    return Run(model, loss, evaluate, train, test, args.batch_size, lr)
 
 
 def add_arguments(parser):
-    parser.add_argument(
-        "--num-times",
-        nargs="+",
-        type=_common.positive_int,
-        metavar="N",
-        help="observation times per series (Table 4: 10 50)",
+    add_options(
+        parser, nargs="+", num_times="observation times per series (Table 4: 10 50)"
     )
     parser.add_argument(
         "--regularity",
@@ -148,46 +115,31 @@ def add_arguments(parser):
         choices=("regular", "irregular"),
         help="regular grid and/or irregular times (Table 4: both)",
     )
-    parser.add_argument(
-        "--num-train", type=_common.positive_int, metavar="N", help="training series"
-    )
-    parser.add_argument(
-        "--num-test", type=_common.positive_int, metavar="N", help="test series"
-    )
+    add_options(parser, num_train="training series", num_test="test series")
 
 
-def main(argv=None):
-    args = _common.parse_args(
-        TASK,
-        DESCRIPTION,
-        PRESETS,
-        argv,
-        methods=_common.ODE_METHODS,
-        add_arguments=add_arguments,
-    )
+def run(args) -> Result:
     if min(args.num_times) < 2:
-        raise _common.UsageError("--num-times must be at least 2")
+        raise UsageError("--num-times must be at least 2")
     extra = [
         dict(num_times=n, regularity=r)
         for n, r in itertools.product(args.num_times, args.regularity)
     ]
-    rows = _common.run_grid(args, ft.partial(make_run, args=args), extra=extra)
+    rows = run_grid(args, ft.partial(make_run, args=args), extra=extra)
     keys = ("num_times", "regularity", "method", "width")
-    summary = _common.summarise(
-        rows, keys, {**_common.TRAINING_COLUMNS, "final_metric": "test MSE"}
-    )
+    summary = training_summary(rows, keys, "test MSE")
     series = ("method",) if len(extra) == 1 else ("method", "num_times", "regularity")
-    _common.write_outputs(
-        args,
+    figures = _figures.training_figures(
         rows,
-        summary,
-        figures={
-            "fig5_scaling.png": ft.partial(
-                _common.plot_scaling, rows, metric_label="Test MSE", series_keys=series
-            ),
-            "fig9_loss_curves.png": ft.partial(
-                _common.plot_curves, rows, loss_label="Test MSE", series_keys=series
-            ),
-        },
+        "fig5_scaling.png",
+        "fig9_loss_curves.png",
+        metric="Test MSE",
+        loss="Test MSE",
+        series_keys=series,
     )
-    return rows
+    return Result(rows, summary, figures)
+
+
+TASK = Task(
+    "sines", __doc__, PRESETS, run, ODE_METHODS, training=True, arguments=add_arguments
+)
