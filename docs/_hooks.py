@@ -8,6 +8,7 @@ entry when a docstring or page links a new Diffrax name: `mkdocs build --strict`
 on unknown ones.
 """
 
+import html as html_lib
 import re
 import typing
 
@@ -66,5 +67,18 @@ _OBJECT_INIT_DOC = re.compile(
 )
 
 
+@mkdocs.plugins.event_priority(-100)  # After mkdocs-jupyter and the typeset plugin.
 def on_page_content(html, page, config, files):
+    if page.file.src_uri.endswith(".ipynb"):
+        # mkdocs-jupyter titles a notebook page by its first heading with the inline
+        # code dropped ("Quickstart: a neural ODE trained with"); keep all its text.
+        h1 = _FIRST_H1.search(html)
+        if h1 is not None:
+            title = _ANCHOR_LINK.sub("", h1.group(1))
+            page.title = html_lib.unescape(_TAG.sub("", title)).strip()
     return _OBJECT_INIT_DOC.sub("", html)
+
+
+_FIRST_H1 = re.compile(r"<h1[^>]*>(.*?)</h1>", re.S)
+_ANCHOR_LINK = re.compile(r'<a class="anchor-link"[^>]*>.*?</a>', re.S)
+_TAG = re.compile(r"<[^>]+>")

@@ -1,13 +1,17 @@
 """Build the documentation with `mkdocs build --strict`: broken links, unresolved
-cross-references and docstrings that fail to render all fail the build.
+cross-references and docstrings that fail to render all fail the build. Then read the
+built pages as MathJax and a reader would: every piece of maths sits where MathJax
+typesets it, and titles keep their inline code.
 
 Needs the `docs` extra (`pip install -e ".[docs]"`); skipped without it. The notebooks
 are converted without being executed (`test_notebooks.py` executes them).
 """
 
+import html.parser
 import importlib.util
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -18,13 +22,16 @@ ROOT = pathlib.Path(__file__).parents[1]
 DOCS_PACKAGES = ("mkdocs", "material", "mkdocstrings", "mkdocs_jupyter", "pymdownx")
 
 
-def test_docs_build_strict(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The built site, once for this module's tests."""
     missing = [name for name in DOCS_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         pytest.skip(
             f"the docs dependencies are not installed ({', '.join(missing)} missing); "
             'install them with `pip install -e ".[docs]"`'
         )
+    tmp_path = tmp_path_factory.mktemp("docs")
     env = {**os.environ, "GQDIFFRAX_DOCS_EXECUTE": "false", "NO_MKDOCS_2_WARNING": "1"}
     result = subprocess.run(
         [
@@ -45,13 +52,125 @@ def test_docs_build_strict(tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    site = tmp_path / "site"
+    return tmp_path / "site"
+
+
+@pytest.mark.slow
+def test_docs_build_strict(site):
     for page in ("index.html", "how-it-works/index.html", "api/adjoints/index.html"):
         assert (site / page).is_file(), page
     # The API pages render the docstrings, maths included.
     adjoints = (site / "api" / "adjoints" / "index.html").read_text()
     assert "gqdiffrax.GQAdjoint" in adjoints
     assert 'class="arithmatex"' in adjoints
+
+
+# What MathJax 3 skips whatever the classes (its default `skipHtmlTags`).
+SKIP_TAGS = {"script", "noscript", "style", "textarea", "pre", "code", "annotation"}
+VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link"}
+VOID_TAGS |= {"meta", "source", "track", "wbr"}
+# Maths as it reaches the browser: \( \), \[ \], $$ $$ or $ $ around something.
+MATH = re.compile(r"\\\(.+?\\\)|\\\[.+?\\\]|\$\$.+?\$\$|\$[^$\s][^$]*?\$", re.S)
+
+
+def _mathjax_option(name: str) -> re.Pattern:
+    """A class option of docs/_static/mathjax.js, compiled as MathJax compiles it."""
+    js = (ROOT / "docs" / "_static" / "mathjax.js").read_text()
+    (value,) = re.findall(rf'{name}:\s*"([^"]*)"', js)
+    return re.compile(rf"(^| )({value})( |$)")
+
+
+class _MathJaxWalk(html.parser.HTMLParser):
+    """The text MathJax leaves alone: its walk of the DOM (`HTMLDomStrings`), where
+    an element is ignored when its parent is or its class matches `ignoreHtmlClass`,
+    unless its class matches `processHtmlClass`."""
+
+    def __init__(self):
+        super().__init__()
+        self.ignore_class = _mathjax_option("ignoreHtmlClass")
+        self.process_class = _mathjax_option("processHtmlClass")
+        self.stack = [(None, False, False)]  # (tag, ignored, skipped)
+        self.left_alone = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in VOID_TAGS:
+            return
+        _, ignored, skipped = self.stack[-1]
+        cls = dict(attrs).get("class") or ""
+        process = bool(self.process_class.search(cls))
+        # A notebook cell's source again, hidden, for its copy button: code, not text.
+        hidden_code = "clipboard-copy-txt" in cls.split()
+        skipped = skipped or hidden_code or (tag in SKIP_TAGS and not process)
+        ignored = (ignored or bool(self.ignore_class.search(cls))) and not process
+        self.stack.append((tag, ignored, skipped))
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i][0] == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data):
+        _, ignored, skipped = self.stack[-1]
+        if ignored and not skipped:
+            self.left_alone.append(data)
+
+
+def _headings(page: str) -> dict[str, str]:
+    """Heading id -> its text, inline code included."""
+    return {
+        id: re.sub(
+            r"<[^>]+>", "", re.sub(r'<a class="(anchor|headerlink)[^<]*</a>', "", text)
+        ).strip()
+        for id, text in re.findall(
+            r'<h[1-6][^>]* id="([^"]+)"[^>]*>(.*?)</h[1-6]>', page, re.S
+        )
+    }
+
+
+@pytest.mark.slow
+def test_maths_is_where_mathjax_typesets_it(site):
+    """Every $...$, \\(...\\) and \\[...\\] of every page (notebooks, Markdown
+    pages, docstrings, the table of contents) is inside an element MathJax processes."""
+    pages = sorted(site.rglob("*.html"))
+    notebook_maths = 0
+    for path in pages:
+        walk = _MathJaxWalk()
+        walk.feed(path.read_text())
+        missed = [m.group() for text in walk.left_alone for m in MATH.finditer(text)]
+        assert not missed, (path.relative_to(site), missed[:5])
+        if "notebooks" in path.parts:
+            notebook_maths += len(re.findall(r"jp-RenderedMarkdown", path.read_text()))
+    assert notebook_maths, "no Markdown cells found in the notebook pages"
+    # \texttt{max\_nodes} typesets `\_` as an underscore only with text macros.
+    js = (ROOT / "docs" / "_static" / "mathjax.js").read_text()
+    uses_texttt = any("\\texttt{" in p.read_text() for p in pages)
+    assert not uses_texttt or '"textmacros"' in js
+
+
+@pytest.mark.slow
+def test_titles_keep_inline_code(site):
+    """Page titles and the table of contents keep the code of a heading: "Quickstart: a
+    neural ODE trained with GQAdjoint", not "... trained with"."""
+    quickstart = (site / "notebooks" / "01_quickstart" / "index.html").read_text()
+    assert "<title>Quickstart: a neural ODE trained with GQAdjoint - " in quickstart
+    for path in sorted(site.rglob("*.html")):
+        page = path.read_text()
+        headings = _headings(page)
+        (title,) = re.findall(r"<title>(.*?)</title>", page, re.S)
+        h1 = [text for id, text in headings.items() if f'id="{id}"' in page][:1]
+        if "notebooks" in path.parts and h1:
+            assert title.startswith(h1[0]), (path.relative_to(site), title)
+        if "api" in path.parts:
+            continue  # mkdocstrings labels its entries itself (`GQAdjoint`).
+        # The table of contents lists each heading with all of its text.
+        toc = re.findall(
+            r'<a href="#([^"]+)" class="md-nav__link">(.*?)</a>', page, re.S
+        )
+        for id, entry in toc:
+            text = " ".join(re.sub(r"<[^>]+>", " ", entry).split())
+            if id in headings:
+                assert text == " ".join(headings[id].split()), (path, id, text)
 
 
 def test_every_public_name_has_an_api_entry():
@@ -70,3 +189,15 @@ def test_every_public_name_has_an_api_entry():
     }
     assert public, "no public names found"
     assert public <= entries, f"no API entry for {sorted(public - entries)}"
+
+
+@pytest.mark.slow
+def test_readme_example_runs_and_prints_its_result():
+    """The README's example, run as a user would (float32, a fresh interpreter)."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(r"loss \d+\.\d{3}, gradient norm \d+\.\d{2}\n", result.stdout)
