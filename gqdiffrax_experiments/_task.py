@@ -139,7 +139,10 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
         batch_size="training batch size",
     )
     add_options(
-        parser, positive_float, metavar="LR", lr="learning rate (default: the paper's)"
+        parser,
+        positive_float,
+        metavar="LR",
+        lr="learning rate; if not set, the paper's for the width",
     )
     parser.add_argument(
         "--devices",
@@ -190,7 +193,9 @@ def make_parser(task: Task) -> argparse.ArgumentParser:
         )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
-        "--smoke", action="store_true", help="a run of seconds, for tests"
+        "--smoke",
+        action="store_true",
+        help="a quick check of the code path (mostly compilation), for tests",
     )
     size.add_argument("--full", action="store_true", help="the paper's protocol")
     parser.add_argument(
@@ -203,8 +208,8 @@ def make_parser(task: Task) -> argparse.ArgumentParser:
         task.arguments(parser)
     default = task.presets["default"]
     for action in parser._actions:
-        if action.dest in default and action.help and "default" not in action.help:
-            value = default[action.dest]
+        value = default.get(action.dest)
+        if value is not None and action.help and "default" not in action.help:
             shown = " ".join(map(str, value)) if isinstance(value, list) else value
             action.help += f" (default: {shown})"
     return parser

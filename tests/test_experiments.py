@@ -32,13 +32,12 @@ def run_task(*argv):
         assert cli.main([str(a) for a in argv]) == 0
 
 
-def run_subprocess(*argv, env=None, timeout=600):
+def run_subprocess(*argv):
     return subprocess.run(
         [sys.executable, "-m", "gqdiffrax_experiments", *map(str, argv)],
         capture_output=True,
         text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
+        timeout=600,
     )
 
 
