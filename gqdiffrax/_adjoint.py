@@ -1,27 +1,38 @@
 r"""`GQAdjoint`: the adjoint method with Gauss–Legendre quadrature for the parameters.
 
-Design (see the docs page "How it works" for the derivation):
+Design (the docs pages "How it works" and "Accuracy" have the derivation and the
+measurements):
 
-- **Forward.** The ordinary solve, run through diffrax's own loop with plain
-  `lax.while_loop`s inside a custom VJP: only what `SaveAt` asks for is kept. The number
-  of vector-field evaluations (NFE) is read off the solve's step count and the solver's
-  Butcher tableau.
-- **Backward.** Between consecutive save times $t_{k-1} < t_k$ (and $t_0$), solve only
-  the $[z, a_z]$ system backwards,
-  $\dot z = f(t, z)$, $\dot a_z = -a_z^\top \partial f / \partial z$, with step-size
-  control on $(z, a_z)$ alone. At each save time $z$ is reset to its forward value and
-  $\partial L / \partial y(t_k)$ is added to $a_z$. The $n_k$ Gauss–Legendre nodes of
-  the interval are reached with `SaveAt(ts=...)` of that backward solve (dense output,
-  no restart at the nodes) and the step size is carried from one interval into the
-  next. The parameter gradient
-  $\int_{t_{k-1}}^{t_k} a_z^\top \partial f/\partial\theta\, dt$ is then one VJP of the
-  vector field `vmap`-ed over the nodes, with cotangents $w_j a_z(\tau_j)$, evaluated in
-  chunks of at most `node_chunk` nodes so memory does not grow with $n_k$.
-- **Parameters.** The vector field is closure-converted before entering the custom VJP,
-  so parameters of an `eqx.Module`, arrays closed over by a plain function and the
-  inexact leaves of `args` are all explicit inputs of the VJP and get gradients.
-- **Times.** $dL/dt_k = (\partial L/\partial y(t_k))^\top f(t_k, y(t_k))$ for every
-  saved time and $dL/dt_0 = -a_z(t_0)^\top f(t_0, y_0)$.
+- **Forward.** The ordinary solve, run through diffrax's own loop (`self._loop`) with
+  plain `lax.while_loop`s inside a custom VJP. It saves what `SaveAt` asks for, plus the
+  state at the *split times*: the step-size controller's `jump_ts` (where the user has
+  told diffrax the vector field is not smooth) and, with `checkpoints=N`, $N$ evenly
+  spaced times. Saving costs no extra steps (dense output); the user sees only the
+  outputs they asked for. The number of vector-field evaluations (NFE) is read off the
+  step count and the solver's Butcher tableau.
+- **Cotangents.** The save and split times $t_0 < t_1' < \dots < t_K'$ cut the solve
+  into intervals. $\partial L/\partial y(t_k')$ is the user's cotangent at a save time
+  and zero at a split time.
+- **Per-interval backward solve.** On each interval, from its right end, solve only
+  $[z, a_z]$ backwards, $\dot z = f(t, z)$,
+  $\dot a_z = -a_z^\top \partial f/\partial z$,
+  with step-size control on $(z, a_z)$, after resetting $z$ to its forward value and
+  adding $\partial L/\partial y(t_k')$ to $a_z$. Resetting $z$ at checkpoints is what
+  stops the backward re-solve of $z$ from amplifying errors on contracting dynamics.
+  The interval's $n_k$ Gauss–Legendre nodes are reached with `SaveAt(ts=...)` of that
+  solve (dense output), and the step size carries over from one interval to the next.
+- **Quadrature sum.** $\int a_z^\top \partial f/\partial\theta\,dt$ over the interval
+  is one VJP of the vector field `vmap`-ed over the nodes, in chunks of at most
+  `node_chunk` (`_quadrature.make_node_sum`). $n_k$ comes from the node rule
+  (`_quadrature.tolerance_nodes`, or the paper's `num_nodes` when `C` is given).
+  Splitting at `jump_ts` keeps every Gauss rule on a piece where the integrand is
+  smooth.
+- **Time gradients.** $dL/dt_k = (\partial L/\partial y(t_k))^\top f(t_k, y(t_k))$ for
+  every saved time and $dL/dt_0 = -a_z(t_0)^\top f(t_0, y_0)$.
+
+Parameters closed over by the vector field (an `eqx.Module`'s fields, arrays captured
+by a plain function) are closure-converted into explicit inputs of the custom VJP, like
+the inexact leaves of `args`, so all of them get gradients.
 """
 
 import math
@@ -35,14 +46,33 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from ._adjoint_common import (
+    check_saveat,
+    closure_convert_terms,
+    fill_cotangents,
+    lax_loop,
+    nondiff,
+    t0_cotangent,
+)
 from ._diffrax_internals import (
+    ControlToODE,
     is_sde,
-    lax_while_loop,
     only_transpose_ys,
-    save_y,
     WrapTerm,
 )
-from ._quadrature import interval_rule, MAX_NODES, num_nodes
+from ._quadrature import (
+    gauss_legendre,
+    interval_rule,
+    make_node_sum,
+    MAX_NODES,
+    num_nodes,
+    tolerance_nodes,
+)
+
+
+_NAME = "`adjoint=gqdiffrax.GQAdjoint()`"
+# The paper's default `C`: the tolerance rule never uses fewer nodes than this gives.
+_PAPER_C = 0.1
 
 
 class GQAdjoint(dfx.AbstractAdjoint):
@@ -62,40 +92,60 @@ class GQAdjoint(dfx.AbstractAdjoint):
     \approx \sum_{k=1}^{K} \sum_{j=1}^{n_k} w_{kj}\, a_z(\tau_{kj})^\top
     \frac{\partial f}{\partial \theta}(\tau_{kj}, z(\tau_{kj}), \theta)$$
 
-    with an $n_k$-point Gauss–Legendre rule on each interval between save times, where
+    with an $n_k$-point Gauss–Legendre rule on each interval between save times (and
+    the controller's `jump_ts`, and checkpoints). By default $n_k$ follows the
+    solver's tolerance: it is the smallest $n$ whose quadrature error, modelled from
+    the solver's order $p$, its `rtol` $\varepsilon$ and the $s_k$ forward steps the
+    interval holds, is below $\varepsilon$:
 
-    $$n_k = \min\left(\left\lceil C \cdot \mathrm{NFE} \cdot
-    \frac{t_k - t_{k-1}}{t_1 - t_0}\right\rceil, \texttt{max\_nodes}\right)$$
+    $$c_n\,(s_k\, \varepsilon^{1/(p+1)})^{2n} \le \varepsilon, \qquad
+    c_n = \frac{(n!)^4}{(2n+1)((2n)!)^3},$$
 
-    and NFE counts the vector-field evaluations of the forward solve over
-    $[t_0, t_1]$ (so $t_K \le t_1$ is the last save time). Memory is that of
-    the adjoint method (constant in the number of steps); the cost of the backward pass
-    no longer carries the parameter-sized $a_\theta$ through every solver stage, which
-    makes it much faster than [`diffrax.BacksolveAdjoint`][] for models with many
-    parameters.
+    and never fewer than the paper's rule
+    $n_k = \lceil C \cdot \mathrm{NFE} \cdot (t_k - t_{k-1}) / (t_1 - t_0) \rceil$
+    at $C = 0.1$. Passing `C` selects the paper's rule alone. Memory is that of the
+    adjoint method (constant in the number of steps); the backward pass does not carry
+    the parameter-sized $a_\theta$ through every solver stage, which makes it much
+    faster than [`diffrax.BacksolveAdjoint`][] for models with many parameters.
 
     Gradients are computed with respect to `y0`, the inexact arrays in `args`, the
     parameters of the vector field (an `eqx.Module`'s fields, or arrays closed over by a
     plain function), and the times `t0`, `t1` and `SaveAt(ts=...)`.
 
-    Supports `SaveAt(t0=..., t1=..., ts=...)` in any combination, reverse-time solves,
-    `diffrax.ConstantStepSize` and adaptive step-size controllers, every explicit
-    Runge–Kutta solver (`Euler`, `Heun`, `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`,
-    `Dopri5`, `Dopri8`, ...), `jax.jit`, `jax.vmap` and float32/float64.
+    Supports a single [`diffrax.ODETerm`][] (any pytree state), `SaveAt(t0=..., t1=...,
+    ts=...)` in any combination, reverse-time solves, `diffrax.ConstantStepSize` and
+    adaptive step-size controllers (with `jump_ts`), every explicit Runge–Kutta solver
+    (`Euler`, `Heun`, `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, ...),
+    `jax.jit`, `jax.vmap` and float32/float64. Everything else is refused when traced,
+    with an error that names an alternative.
 
     !!! warning
 
         Like every optimise-then-discretise method, the gradients are those of the
         continuous problem, accurate to the solver tolerance; they are not the exact
         derivative of the discrete forward solve (use
-        [`diffrax.RecursiveCheckpointAdjoint`][] for that). Use a tolerance that makes
-        the backward solve accurate.
+        [`diffrax.RecursiveCheckpointAdjoint`][] for that).
+
+        The quadrature assumes $a_z^\top \partial f/\partial\theta$ is smooth between
+        split times. A vector field with kinks that the solver does not stop at, such
+        as a ReLU network or an interpolated control, breaks that assumption and the
+        error then decreases only slowly with the number of nodes: use a smooth
+        activation (softplus, tanh, GELU), pass the kinks' times as `jump_ts` to the
+        step-size controller, or raise `C`. On strongly contracting dynamics, keep
+        forward `checkpoints`.
 
     !!! info
 
-        The backward solve uses the forward `solver` and step-size controller. If the
-        backward solve exhausts `max_steps` it raises (with `throw=True`, the default)
-        or returns NaN gradients (with `throw=False`), never a silently wrong gradient.
+        The backward solve uses the forward `solver` and step-size controller. If it
+        exhausts `max_steps` it raises, saying how many steps it needs (with
+        `throw=True`, the default), or returns NaN gradients (with `throw=False`), never
+        a silently wrong gradient.
+
+        Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) is not
+        supported, as for every adjoint built on a custom VJP; JAX raises
+        `TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function`
+        when the program is compiled. Use [`diffrax.ForwardMode`][] for forward mode,
+        or [`diffrax.RecursiveCheckpointAdjoint`][] for both modes.
 
     ??? cite "References"
 
@@ -110,18 +160,33 @@ class GQAdjoint(dfx.AbstractAdjoint):
         ```
     """
 
-    C: float = 0.1
-    max_nodes: int = eqx.field(default=64, static=True)
-    node_chunk: int = eqx.field(default=8, static=True)
+    C: float | None = None
+    quadrature: str | None = eqx.field(default=None, static=True, kw_only=True)
+    checkpoints: int = eqx.field(default=0, static=True, kw_only=True)
+    max_nodes: int = eqx.field(default=64, static=True, kw_only=True)
+    node_chunk: int = eqx.field(default=8, static=True, kw_only=True)
 
     def __check_init__(self):
         if isinstance(self.C, (int, float)) and not (
             math.isfinite(self.C) and self.C > 0
         ):
             raise ValueError(
-                f"`GQAdjoint(C=...)` must be a finite positive number; got C={self.C}. "
-                "C scales the number of quadrature nodes with the forward NFE; the "
-                "paper's default is C=0.1."
+                f"`GQAdjoint(C=...)` must be a finite positive number or None; got "
+                f"C={self.C}. C scales the number of quadrature nodes with the forward "
+                "NFE (the paper's rule; the paper used C=0.1); C=None (the default) "
+                "follows the solver's tolerance instead."
+            )
+        if self.quadrature not in (None, "interval", "step"):
+            raise ValueError(
+                "`GQAdjoint(quadrature=...)` must be 'interval' (one rule per interval "
+                "between save times, the paper's method), 'step' (a rule on every "
+                "step of the backward solve) or None (choose); got "
+                f"{self.quadrature!r}."
+            )
+        if self.quadrature == "step" and self.C is not None:
+            raise ValueError(
+                "`GQAdjoint(C=...)` sets the node count of `quadrature='interval'`; "
+                "with `quadrature='step'` the backward solve's steps set it. Drop `C`."
             )
         if not isinstance(self.max_nodes, int) or not 1 <= self.max_nodes <= MAX_NODES:
             raise ValueError(
@@ -133,6 +198,15 @@ class GQAdjoint(dfx.AbstractAdjoint):
             raise ValueError(
                 "`GQAdjoint(node_chunk=...)` must be a positive int (how many "
                 f"quadrature nodes share one vmapped VJP); got {self.node_chunk!r}."
+            )
+        if (
+            isinstance(self.checkpoints, bool)
+            or not isinstance(self.checkpoints, int)
+            or self.checkpoints < 0
+        ):
+            raise ValueError(
+                "`GQAdjoint(checkpoints=...)` must be a non-negative int (how many "
+                f"forward states to keep); got {self.checkpoints!r}."
             )
 
     def loop(
@@ -154,7 +228,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
         passed_controller_state,
         progress_meter,
     ):
-        _check_supported(terms, solver, stepsize_controller, event, saveat)
+        _check_supported(terms, solver, stepsize_controller, event, saveat, args)
         del passed_solver_state, passed_controller_state
         direction = terms.direction
         ode_term = terms.term
@@ -163,15 +237,17 @@ class GQAdjoint(dfx.AbstractAdjoint):
         # Turn parameters closed over by the vector field (a lambda's captured arrays,
         # an eqx.Module's fields) into explicit leaves, so that they are inputs of the
         # custom VJP rather than closed-over tracers it cannot differentiate.
-        vf = eqx.filter_closure_convert(
-            ode_term.vector_field, (t0 * direction).astype(t0.dtype), y0, args
-        )
+        t = (t0 * direction).astype(t0.dtype)
+        vf = closure_convert_terms(ode_term, t, y0, args).vector_field
         ts = saveat.subs.ts
 
-        # Everything outside `diff` is data the gradient must not flow through. It is
-        # stopped explicitly, so that no differentiable value reaches the custom VJP by
-        # a side door and silently gets a zero gradient.
-        nondiff = _stop_gradient(
+        # `eqx.filter_custom_vjp` differentiates only `diff`; a keyword argument that
+        # carries a JVP tracer is an error. Some of these do depend on differentiated
+        # inputs: `init_state` holds the first step size and the solver's cached
+        # f(t0, y0), and `dt0` may be computed from `t1`. Their derivatives are not
+        # wanted: the continuous adjoint gives the gradient of the exact solution,
+        # which depends on neither.
+        data = nondiff(
             dict(
                 init_state=eqx.tree_at(lambda s: s.y, init_state, object()),
                 saveat=saveat,
@@ -185,33 +261,43 @@ class GQAdjoint(dfx.AbstractAdjoint):
             diff,
             self=self,
             solver=solver,
+            order=solver.order(terms),
             max_steps=max_steps,
             throw=throw,
             progress_meter=progress_meter,
-            **nondiff,
+            **data,
         )
         return only_transpose_ys(final_state), aux_stats
 
 
 GQAdjoint.__init__.__doc__ = r"""**Arguments:**
 
-- `C`: how the number of quadrature nodes scales with the forward NFE: interval $k$
-    gets $\lceil C \cdot \mathrm{NFE} \cdot (t_k - t_{k-1}) / (t_1 - t_0) \rceil$
-    nodes. Larger is more accurate and slower. The paper's default is `0.1`; its
-    ablation found `1e-3` to `1e2` train equally well on nested spheres.
+- `C`: `None` (the default) for the tolerance rule above; a positive number for the
+    paper's rule alone, $n_k = \lceil C \cdot \mathrm{NFE} \cdot
+    (t_k - t_{k-1}) / (t_1 - t_0) \rceil$ nodes on interval $k$ (the paper used
+    `C=0.1` and found `1e-3` to `1e2` train equally well on nested spheres).
+- `quadrature`: `"interval"` (the paper's method) puts one Gauss–Legendre rule on each
+    interval between save (and split) times, with the node count above.
+    `"step"` puts a $\lceil (p+1)/2 \rceil$-point rule on every step of the backward
+    solve, read off its dense output, so the backward solve's step-size control also
+    controls the quadrature: slower (one vector-Jacobian product per node per step),
+    but accurate to the tolerance on vector fields with kinks, such as ReLU networks.
+    `None` (the default) is `"step"` when the step-size controller has `jump_ts` (the
+    solver restarts its step size at every jump, so the forward steps are far from
+    evenly spread, which the node rule assumes) and `"interval"` otherwise.
+- `checkpoints`: how many forward states to keep, at evenly spaced times. The backward
+    pass resets $z$ to them, so errors of the backward re-solve of $z$ (which grow like
+    $e^{\lambda t}$ on dynamics contracting at rate $\lambda$) grow only between
+    checkpoints. Memory grows by `checkpoints` states. Default 0.
 - `max_nodes`: the cap on nodes per interval, $1 \le$ `max_nodes` $\le 64$. A
     64-node rule is exact for polynomials of degree 127.
 - `node_chunk`: how many nodes share one `vmap`-ed VJP of the vector field. Memory of
     the quadrature grows with it. An interval's $n_k$ nodes are evaluated as
-    $\lfloor n_k / \texttt{node\_chunk} \rfloor$ full chunks and the remainder in
+    $\lfloor n_k / c \rfloor$ full chunks of $c$ = `node_chunk` and the remainder in
     power-of-two pieces, so no work is spent on padding. Under `jax.vmap` the pieces
     follow the largest $n_k$ in the batch (the other samples' extra nodes have weight
     zero), so per-sample solves share one schedule instead of running every piece.
 """
-
-
-def _stop_gradient(tree):
-    return jtu.tree_map(lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x, tree)
 
 
 def _is_explicit_rk(solver) -> bool:
@@ -220,73 +306,106 @@ def _is_explicit_rk(solver) -> bool:
     )
 
 
-def _check_supported(terms, solver, stepsize_controller, event, saveat) -> None:
-    """Raise at trace time, with the fix, for everything GQAdjoint cannot do."""
-    name = "`adjoint=gqdiffrax.GQAdjoint()`"
+def _is_path(x: Any) -> bool:
+    return isinstance(x, dfx.AbstractPath)
+
+
+# Paths whose derivative is smooth in t: the quadrature needs no split times for them.
+def _is_smooth_path(path: dfx.AbstractPath) -> bool:
+    from ._wiener import WienerSurrogate
+
+    return isinstance(path, WienerSurrogate)
+
+
+def _paths_in(x: Any, depth: int = 2) -> list:
+    """The `diffrax.AbstractPath`s in a pytree, and in the closures of the functions in
+    it (`depth` levels deep): where a vector field can hide a control."""
+    found = []
+    for leaf in jtu.tree_leaves(x, is_leaf=_is_path):
+        if _is_path(leaf):
+            found.append(leaf)
+        elif depth > 0 and callable(leaf):
+            fn = getattr(leaf, "__func__", leaf)
+            cells = getattr(fn, "__closure__", None) or ()
+            for cell in cells:
+                try:
+                    found.extend(_paths_in(cell.cell_contents, depth - 1))
+                except ValueError:  # An empty cell.
+                    pass
+            code, scope = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
+            for name in getattr(code, "co_names", ()):
+                if _is_path(scope.get(name)):
+                    found.append(scope[name])
+    return found
+
+
+def _check_supported(terms, solver, stepsize_controller, event, saveat, args) -> None:
+    """Raise at trace time, with the fix, for everything GQAdjoint has not verified."""
     if jtu.tree_structure(solver.term_structure) != jtu.tree_structure(0):
         raise NotImplementedError(
-            f"{name} supports solvers that take a single term; "
+            f"{_NAME} supports solvers that take a single term; "
             f"`{type(solver).__name__}` takes several. Use an explicit Runge–Kutta "
             "solver such as `diffrax.Dopri5()` on a single `diffrax.ODETerm`."
         )
     inner = terms.term if isinstance(terms, WrapTerm) else terms
-    if not isinstance(inner, dfx.ODETerm):
-        if is_sde(terms):
-            raise ValueError(
-                f"{name} differentiates ODEs, but `terms` contains Brownian motion (an "
-                "SDE). Train the SDE as an ODE driven by a smooth Wiener surrogate "
-                "(Wong–Zakai): `terms = gqdiffrax.wong_zakai_term(drift, diffusion, "
-                "gqdiffrax.WienerSurrogate(t0, t1, shape, key))`, then evaluate the "
-                "trained drift and diffusion with an SDE solver (see "
-                "`gqdiffrax.sde_terms`)."
-            )
+    if is_sde(terms):
         raise ValueError(
-            f"{name} supports a single `diffrax.ODETerm`; got "
-            f"{type(inner).__name__}. For a controlled differential equation (CDE) "
-            "write it as an ODE, e.g. `diffrax.ODETerm(lambda t, y, args: "
-            "vf(t, y, args) @ control.derivative(t))`; for an SDE use "
-            "`gqdiffrax.wong_zakai_term`."
+            f"{_NAME} differentiates ODEs, but `terms` contains Brownian motion (an "
+            "SDE). Train the SDE as an ODE driven by a smooth Wiener surrogate "
+            "(Wong–Zakai): `terms = gqdiffrax.wong_zakai_term(drift, diffusion, "
+            "gqdiffrax.WienerSurrogate(t0, t1, shape, key))`, then evaluate the "
+            "trained drift and diffusion with an SDE solver (see "
+            "`gqdiffrax.sde_terms`)."
+        )
+    cde = (
+        f"{_NAME} does not support controlled differential equations yet: a "
+        "control's knots make the quadrature's integrand non-smooth, and its gradient "
+        "is not verified. Use `adjoint=diffrax.RecursiveCheckpointAdjoint()` (or "
+        "`diffrax.BacksolveAdjoint()`) for a neural CDE."
+    )
+    if isinstance(inner, dfx.ControlTerm) or (
+        type(inner) is dfx.ODETerm and isinstance(inner.vector_field, ControlToODE)
+    ):
+        raise ValueError(cde)
+    if type(inner) is not dfx.ODETerm:
+        kind = (
+            f"a subclass of `diffrax.ODETerm` (`{type(inner).__name__}`), which may "
+            "change how the vector field is evaluated"
+            if isinstance(inner, dfx.ODETerm)
+            else f"`{type(inner).__name__}`"
+        )
+        raise ValueError(
+            f"{_NAME} supports a single `diffrax.ODETerm`; got {kind}. Pass "
+            "`diffrax.ODETerm(f)` with your vector field `f(t, y, args)`, or use "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for other terms."
+        )
+    rough = [p for p in _paths_in((inner.vector_field, args)) if not _is_smooth_path(p)]
+    if rough and getattr(stepsize_controller, "jump_ts", None) is None:
+        raise ValueError(
+            f"{_NAME}: the vector field uses a `{type(rough[0]).__name__}`, whose "
+            "derivative is not smooth at its knots, and a Gauss–Legendre rule that "
+            "spans a knot gives a wrong gradient. Tell diffrax where the knots are: "
+            "`stepsize_controller=diffrax.PIDController(rtol=..., atol=..., "
+            "jump_ts=control.ts)`; GQAdjoint then splits its quadrature there."
         )
     if event is not None:
         raise NotImplementedError(
-            f"{name} does not support events. Solve up to a fixed `t1`, or use "
+            f"{_NAME} does not support events. Solve up to a fixed `t1`, or use "
             "`diffrax.RecursiveCheckpointAdjoint()` to differentiate through an event."
         )
-    dense_or_steps = (
-        f"{name} does not support `SaveAt(steps=True)` or `SaveAt(dense=True)`: "
-        "their outputs depend on the solver's internal steps, which the adjoint "
-        "method does not store. Save at fixed times with `SaveAt(ts=...)`."
-    )
-    if saveat.dense:
-        raise NotImplementedError(dense_or_steps)
-    if jtu.tree_structure(saveat.subs, is_leaf=_is_subsaveat) != jtu.tree_structure(0):
-        raise NotImplementedError(
-            f"{name} does not support `SaveAt(subs=...)`. Use a single "
-            "`SaveAt(t0=..., t1=..., ts=...)`."
-        )
-    if saveat.subs.steps:
-        raise NotImplementedError(dense_or_steps)
-    if saveat.subs.fn is not save_y:
-        raise NotImplementedError(
-            f"{name} does not support `SaveAt(fn=...)`. Save the state with "
-            "`SaveAt(ts=...)` and apply the function to `sol.ys` afterwards."
-        )
+    check_saveat(saveat, "gqdiffrax.GQAdjoint()")
     if not (_is_explicit_rk(solver) or isinstance(solver, dfx.Euler)):
         raise NotImplementedError(
-            f"{name} supports explicit Runge–Kutta solvers (e.g. `diffrax.Dopri5()`, "
+            f"{_NAME} supports explicit Runge–Kutta solvers (e.g. `diffrax.Dopri5()`, "
             f"`Tsit5()`, `Heun()`, `Euler()`); got `{type(solver).__name__}`. "
             "Implicit, multi-term and stochastic solvers are not supported."
         )
     if isinstance(stepsize_controller, dfx.StepTo):
         raise NotImplementedError(
-            f"{name} does not support `diffrax.StepTo`: the backward solve cannot "
+            f"{_NAME} does not support `diffrax.StepTo`: the backward solve cannot "
             "reuse the forward grid. Use `diffrax.ConstantStepSize()` with `dt0`, or "
             "`diffrax.PIDController(rtol=..., atol=...)`."
         )
-
-
-def _is_subsaveat(x: Any) -> bool:
-    return isinstance(x, dfx.SubSaveAt)
 
 
 def _forward_nfe(solver, num_steps):
@@ -308,40 +427,110 @@ class _ForwardOnly(dfx.AbstractAdjoint):
 
     def loop(self, *, throw, passed_solver_state, passed_controller_state, **kwargs):
         del throw, passed_solver_state, passed_controller_state
-        return self._loop(
-            **kwargs, inner_while_loop=lax_while_loop, outer_while_loop=lax_while_loop
-        )
+        return lax_loop(self._loop, **kwargs)
 
 
-class _CarryStepSize(dfx.AbstractStepSizeController):
-    """Wraps an adaptive controller and remembers the step it last proposed, so that the
-    backward solve of the next interval starts with it instead of restarting the step
-    size selection at every save time.
+class _BackwardController(dfx.AbstractStepSizeController):
+    """Wraps the step-size controller of a backward solve, and remembers
 
-    The final step of an interval is clipped to land on the save time, and the proposal
-    made after it is scaled from that clipped step; so the larger of the last two
-    proposals is kept."""
+    - the step it last proposed, so that the backward solve of the next interval
+      starts with it instead of restarting the step size selection at every save
+      time. The final step of an interval is clipped to land on the save time, and the
+      proposal made after it is scaled from that clipped step; so the larger of the
+      last two proposals is kept;
+    - how far the solve got, to say how many steps it needs when it runs out of
+      `max_steps`."""
 
     controller: dfx.AbstractStepSizeController
 
     def wrap(self, direction):
-        return _CarryStepSize(self.controller.wrap(direction))
+        return _BackwardController(self.controller.wrap(direction))
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         tnext, state = self.controller.init(
             terms, t0, t1, y0, dt0, args, func, error_order
         )
         dt = tnext - t0
-        return tnext, (state, dt, dt)
+        return tnext, (state, dt, dt, t0)
 
     def adapt_step_size(
         self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state
     ):
-        state, last, _ = controller_state
+        state, last, _, _ = controller_state
         keep, tprev, tnext, made_jump, state, result = self.controller.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, state
         )
-        return keep, tprev, tnext, made_jump, (state, tnext - tprev, last), result
+        return (
+            keep,
+            tprev,
+            tnext,
+            made_jump,
+            (state, tnext - tprev, last, tprev),
+            result,
+        )
+
+
+class _StepQuadrature(dfx.AbstractSolver):
+    r"""Wraps the solver of a backward solve so that every step also integrates
+    $a_z^\top \partial f/\partial\theta$ over itself, with a Gauss–Legendre rule on
+    the step's dense output, into a sum carried in the solver state. diffrax keeps a
+    step's solver state only when it accepts the step, so the sum holds accepted steps
+    only.
+
+    The backward solve runs in diffrax's normalised time $s = -t$; `integrand(t, z, a)`
+    takes the nodes' (forward) times, states and weighted adjoints and returns their
+    summed parameter cotangent.
+    """
+
+    solver: dfx.AbstractSolver
+    integrand: Any = eqx.field(static=True)
+    zeros: Any
+    nodes: tuple[float, ...] = eqx.field(static=True)
+    weights: tuple[float, ...] = eqx.field(static=True)
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def init(self, terms, t0, t1, y0, args):
+        return self.solver.init(terms, t0, t1, y0, args), self.zeros
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        inner_state, total = solver_state
+        y1, y_error, dense_info, inner_state, result = self.solver.step(
+            terms, t0, t1, y0, args, inner_state, made_jump
+        )
+        interpolation = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
+        x = jnp.asarray(self.nodes, t0.dtype)
+        half = 0.5 * (t1 - t0)
+        s = 0.5 * (t0 + t1) + half * x
+        z, a = jax.vmap(interpolation.evaluate)(s)
+        w = half * jnp.asarray(self.weights, t0.dtype)
+        weighted = jtu.tree_map(
+            lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), a
+        )
+        total = jtu.tree_map(jnp.add, total, self.integrand(-s, z, weighted))
+        return y1, y_error, dense_info, (inner_state, total), result
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)
 
 
 def _wrapped_vf(vf, direction):
@@ -357,12 +546,54 @@ def _wrapped_vf(vf, direction):
     return f
 
 
-@eqx.filter_custom_vjp
-def _gq_loop(
+def _split_times(t0, t1, ts, subs, stepsize_controller, checkpoints):
+    """The split times: the controller's `jump_ts` and `checkpoints` evenly spaced
+    times, inside the span the backward pass covers (up to the last save time)."""
+    if subs.t1:
+        t_end = t1
+    elif ts is not None and ts.shape[0] > 0:
+        t_end = ts[-1]
+    else:
+        return None
+    pieces = []
+    jump_ts = getattr(stepsize_controller, "jump_ts", None)
+    if jump_ts is not None and jump_ts.shape[0] > 0:
+        pieces.append(jnp.clip(jump_ts.astype(t0.dtype), t0, t_end))
+    if checkpoints > 0:
+        frac = jnp.arange(1, checkpoints + 1, dtype=t0.dtype) / (checkpoints + 1)
+        pieces.append(t0 + (t_end - t0) * frac)
+    return jnp.concatenate(pieces) if pieces else None
+
+
+def _merge(ts, extra):
+    """The sorted forward save times, and where the user's `ts` are among them."""
+    if extra is None:
+        return ts, None
+    if ts is None:
+        return jnp.sort(extra), None
+    times = jnp.concatenate([ts, extra])
+    order = jnp.argsort(times, stable=True)
+    return times[order], jnp.argsort(order)[: ts.shape[0]]
+
+
+def _user_rows(subs, num_ts, num_fwd_ts, user_pos):
+    """Row indices of the user's outputs among the forward's saved rows."""
+    offset = 1 if subs.t0 else 0
+    rows = [jnp.zeros((1,), jnp.int32)] if subs.t0 else []
+    if num_ts:
+        pos = jnp.arange(num_ts) if user_pos is None else user_pos
+        rows.append(offset + pos.astype(jnp.int32))
+    if subs.t1:
+        rows.append(jnp.full((1,), offset + num_fwd_ts, jnp.int32))
+    return jnp.concatenate(rows)
+
+
+def _forward(
     diff,
     *,
     self,
     solver,
+    order,
     stepsize_controller,
     saveat,
     dt0,
@@ -372,12 +603,29 @@ def _gq_loop(
     direction,
     progress_meter,
 ):
-    del self, throw
+    """The forward solve: the final state as the user sees it, its statistics, and
+    the states at every save and split time (the residuals of the backward pass)."""
+    del throw, order
     y0, args, vf, t0, t1, ts = diff
-    if ts is not None:
-        saveat = eqx.tree_at(lambda s: s.subs.ts, saveat, ts)
+    subs = saveat.subs
+    extra = _split_times(t0, t1, ts, subs, stepsize_controller, self.checkpoints)
+    fwd_ts, user_pos = _merge(ts, extra)
     init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
-    final_state, aux_stats = dfx.RecursiveCheckpointAdjoint()._loop(
+    if extra is not None:
+        saveat = eqx.tree_at(
+            lambda s: s.subs.ts, saveat, fwd_ts, is_leaf=lambda x: x is None
+        )
+        # `diffeqsolve` sized the output buffers for the user's SaveAt; make room for
+        # the split times. The buffers hold only their fill value (inf) so far.
+        num_rows = int(subs.t0) + fwd_ts.shape[0] + int(subs.t1)
+        grow = lambda x: jnp.broadcast_to(x[:1], (num_rows,) + x.shape[1:])
+        init_state = eqx.tree_at(
+            lambda s: (s.save_state.ts, s.save_state.ys),
+            init_state,
+            jtu.tree_map(grow, (init_state.save_state.ts, init_state.save_state.ys)),
+        )
+    final_state, aux_stats = lax_loop(
+        self._loop,
         args=args,
         terms=WrapTerm(dfx.ODETerm(vf), direction),
         solver=solver,
@@ -389,109 +637,68 @@ def _gq_loop(
         dt0=dt0,
         max_steps=max_steps,
         init_state=init_state,
-        inner_while_loop=lax_while_loop,
-        outer_while_loop=lax_while_loop,
         progress_meter=progress_meter,
     )
     nfe = _forward_nfe(solver, final_state.num_steps)
-    return final_state, {**aux_stats, "num_fevals": nfe}
+    aux_stats = {**aux_stats, "num_fevals": nfe}
+    if extra is None:
+        return final_state, aux_stats, final_state.save_state.ys
+    # Hand back only the outputs the user asked for; the split times' states stay in
+    # the residuals.
+    save_state = final_state.save_state
+    num_ts = 0 if ts is None else ts.shape[0]
+    rows = _user_rows(subs, num_ts, fwd_ts.shape[0], user_pos)
+    user_save_state = eqx.tree_at(
+        lambda s: (s.ts, s.ys, s.saveat_ts_index, s.save_index),
+        save_state,
+        (
+            save_state.ts[rows],
+            jtu.tree_map(lambda y: y[rows], save_state.ys),
+            jnp.asarray(num_ts, jnp.int32),
+            jnp.asarray(rows.shape[0], jnp.int32),
+        ),
+    )
+    final_state = eqx.tree_at(lambda s: s.save_state, final_state, user_save_state)
+    return final_state, aux_stats, save_state.ys
+
+
+@eqx.filter_custom_vjp
+def _gq_loop(diff, **kwargs):
+    final_state, aux_stats, _ = _forward(diff, **kwargs)
+    return final_state, aux_stats
 
 
 @_gq_loop.def_fwd
 def _gq_loop_fwd(perturbed, diff, **kwargs):
     del perturbed
-    final_state, aux_stats = _gq_loop(diff, **kwargs)
-    residuals = (
-        final_state.save_state.ys,
-        aux_stats["num_fevals"],
-        final_state.num_accepted_steps,
-    )
+    final_state, aux_stats, all_ys = _forward(diff, **kwargs)
+    residuals = (all_ys, aux_stats["num_fevals"], final_state.num_steps)
     return (final_state, aux_stats), residuals
 
 
-def _materialise(x, g):
-    return jnp.zeros_like(x) if g is None else g
-
-
 def _tree_dot(a, b):
-    return sum(
-        (jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))),
-        start=jnp.zeros(()),
-    )
+    terms = [jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    # Start from a zero of the terms' own dtype: a float64 zero would promote float32
+    # terms, which strict dtype promotion refuses.
+    return sum(terms, start=jnp.zeros((), jnp.result_type(*terms)))
 
 
-def _scale_rows(tree, w):
-    """Multiply each leaf's leading axis by the weights `w`."""
-    return jtu.tree_map(
-        lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), tree
-    )
-
-
-def _node_pieces(f_nodes, chunk, num, theta, arrays, direction, acc, ts, ws, zs, as_):
-    r"""`acc` plus $\sum_{j < \mathrm{num}} w_j\, a_j^\top \partial f/\partial\theta
-    (\tau_j, z_j)$: `num // chunk` full chunks of one `vmap`-ed VJP each, then the
-    remainder in power-of-two pieces (the binary digits of `num mod chunk`), so exactly
-    `num` nodes are evaluated and no work goes into padding."""
-
-    def vjp_rows(acc, start, size):
-        take = lambda x: lax.dynamic_slice_in_dim(x, start, size)
-        t_c, w_c, z_c, a_c = jtu.tree_map(take, (ts, ws, zs, as_))
-        _, vjp_theta = jax.vjp(
-            lambda th: jax.vmap(lambda t, z: f_nodes(th, arrays, direction, t, z))(
-                t_c, z_c
-            ),
-            theta,
-        )
-        (g,) = vjp_theta(_scale_rows(a_c, w_c))
-        return jtu.tree_map(jnp.add, acc, g)
-
-    num_full = num // chunk
-    acc = lax.fori_loop(
-        0, num_full, lambda i, acc: vjp_rows(acc, i * chunk, chunk), acc
-    )
-    start = num_full * chunk
-    size = 1 << ((chunk - 1).bit_length() - 1) if chunk > 1 else 0
-    while size >= 1:
-        acc, start = lax.cond(
-            num - start >= size,
-            lambda acc, start, size=size: (vjp_rows(acc, start, size), start + size),
-            lambda acc, start: (acc, start),
-            acc,
-            start,
-        )
-        size //= 2
-    return acc
-
-
-def _make_node_sum(f_nodes, chunk):
-    """The quadrature sum of one interval, with a batching rule of its own.
-
-    Unbatched, the piece schedule follows the interval's own node count `n`. Under
-    `jax.vmap` (per-sample solves) `n` differs between samples, and a data-dependent
-    `lax.cond` would be batched into a `select` that runs every piece; instead the
-    schedule follows the largest `n` in the batch, which is not batched, and the extra
-    rows of the other samples carry weight zero (see `interval_rule`).
-    """
-
-    @jax.custom_batching.custom_vmap
-    def node_sum(theta, arrays, direction, acc, ts, ws, zs, as_, n):
-        return _node_pieces(
-            f_nodes, chunk, n, theta, arrays, direction, acc, ts, ws, zs, as_
-        )
-
-    @node_sum.def_vmap
-    def _(axis_size, in_batched, theta, arrays, direction, acc, ts, ws, zs, as_, n):
-        *batched, n_batched = in_batched
-        num = jnp.max(n) if n_batched else n
-        in_axes = jtu.tree_map(lambda b: 0 if b else None, tuple(batched))
-        out = jax.vmap(
-            lambda *xs: _node_pieces(f_nodes, chunk, num, *xs),
-            in_axes=in_axes,
-            axis_size=axis_size,
-        )(theta, arrays, direction, acc, ts, ws, zs, as_)
-        return out, jtu.tree_map(lambda _: True, out)
-
-    return node_sum
+def _max_steps_error(x, failed, need, max_steps):
+    """Raise, if a backward solve failed, how many steps it needs; `need` is the
+    failed interval's length over the part of it the solve covered."""
+    factors = (2, 4, 8, 16, 64)
+    hints = [f"about {k}x as many: pass `max_steps={k * max_steps}`" for k in factors]
+    hints.append(f"over {factors[-1]}x as many; raise `max_steps`")
+    msgs = [
+        "GQAdjoint's backward pass reached the maximum number of solver steps "
+        f"(max_steps={max_steps}) on one interval between save times. The backward "
+        f"solve of [z, a_z] needs {hint} to `diffeqsolve`. It can need more steps "
+        "than the forward solve: the adjoint may vary faster than the state. On "
+        "contracting dynamics `GQAdjoint(checkpoints=N)` also helps."
+        for hint in hints
+    ]
+    index = jnp.searchsorted(jnp.asarray(factors, need.dtype), need)
+    return eqx.branched_error_if(x, failed, index, msgs)
 
 
 @_gq_loop.def_bwd
@@ -503,6 +710,7 @@ def _gq_loop_bwd(
     *,
     self,
     solver,
+    order,
     stepsize_controller,
     saveat,
     dt0,
@@ -514,30 +722,35 @@ def _gq_loop_bwd(
 ):
     del init_state, progress_meter
     self = typing.cast(GQAdjoint, self)
-    ys, nfe, num_accepted = residuals
-    grad_final_state, _ = grad_out
-    grad_ys = jtu.tree_map(_materialise, ys, grad_final_state.save_state.ys)
+    ys, nfe, num_steps = residuals
     y0, args, vf, t0, t1, ts = diff
     p_y0, p_args, p_vf, p_t0, p_t1, p_ts = perturbed
     del p_y0
     f = _wrapped_vf(vf, direction)
     subs = saveat.subs
 
-    # The save times after t0, in order, with their forward states and cotangents. A
-    # `SaveAt(t0=True)` output is y0 itself: its cotangent goes straight to y0.
+    # The forward's save and split times after t0, in order, with their states and
+    # cotangents; a split time's cotangent is zero. A `SaveAt(t0=True)` output is y0
+    # itself: its cotangent goes straight to y0.
+    extra = _split_times(t0, t1, ts, subs, stepsize_controller, self.checkpoints)
+    fwd_ts, user_pos = _merge(ts, extra)
+    num_ts = 0 if ts is None else ts.shape[0]
+    num_fwd_ts = 0 if fwd_ts is None else fwd_ts.shape[0]
+    rows = _user_rows(subs, num_ts, num_fwd_ts, user_pos)
+    user_ys = jtu.tree_map(lambda y: y[rows], ys)
+    grad_user = fill_cotangents(user_ys, grad_out[0].save_state.ys)
+    grad_ys = jtu.tree_map(
+        lambda y, g: jnp.zeros_like(y).at[rows].set(g), ys, grad_user
+    )
     offset = 1 if subs.t0 else 0
-    points = [t0[None]]
-    if ts is not None:
-        points.append(ts)
-    if subs.t1:
-        points.append(t1[None])
-    times = jnp.concatenate(points)
-    num_intervals = times.shape[0] - 1
+    times = jnp.concatenate(
+        [t0[None]]
+        + ([] if fwd_ts is None else [fwd_ts])
+        + ([t1[None]] if subs.t1 else [])
+    )
     y_after = jtu.tree_map(lambda x: x[offset:], ys)
     g_after = jtu.tree_map(lambda x: x[offset:], grad_ys)
-    grad_y0_saved = jtu.tree_map(
-        lambda x, y: x[0] if subs.t0 else jnp.zeros_like(y), grad_ys, y0
-    )
+    grad_y0_saved = t0_cotangent(saveat, grad_ys, y0)
 
     # theta: the inputs whose gradient is the quadrature integral.
     theta, theta_static = eqx.partition((args, vf), (p_args, p_vf))
@@ -550,52 +763,104 @@ def _gq_loop_bwd(
         return fz, jtu.tree_map(jnp.negative, a_dot)
 
     adaptive = isinstance(stepsize_controller, dfx.AbstractAdaptiveStepSizeController)
+    controller = _BackwardController(stepsize_controller)
     if adaptive:
-        controller = _CarryStepSize(stepsize_controller)
-        first_dt = (t1 - t0) / jnp.maximum(num_accepted, 1).astype(t0.dtype)
+        first_dt = (t1 - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
     else:
-        controller = stepsize_controller
         first_dt = dt0
-    chunk = min(self.node_chunk, self.max_nodes)
-    counts = num_nodes(self.C, nfe, times[1:] - times[:-1], t1 - t0, self.max_nodes)
+    lengths = times[1:] - times[:-1]
+    counts = num_nodes(
+        _PAPER_C if self.C is None else self.C, nfe, lengths, t1 - t0, self.max_nodes
+    )
+    if self.C is None:
+        rtol = stepsize_controller.rtol if adaptive else None
+        by_tolerance = tolerance_nodes(
+            num_steps,
+            lengths,
+            t1 - t0,
+            order=order,
+            rtol=rtol,
+            max_nodes=self.max_nodes,
+        )
+        counts = jnp.maximum(counts, by_tolerance)
 
     theta_arrays, theta_rest = eqx.partition(theta_static, eqx.is_array)
 
-    def f_nodes(theta_, arrays, direction_, t, z):
+    def f_theta(theta_, arrays, direction_, t, z):
         args_, vf_ = eqx.combine(theta_, arrays, theta_rest)
         return _wrapped_vf(vf_, direction_)(t, z, args_)
 
     # Every piece ends at or before row n <= max_nodes: the rows need no padding.
-    node_sum = _make_node_sum(f_nodes, chunk)
+    node_sum = make_node_sum(f_theta, min(self.node_chunk, self.max_nodes))
+
+    quadrature = self.quadrature
+    if quadrature is None:
+        has_jumps = getattr(stepsize_controller, "jump_ts", None) is not None
+        quadrature = "step" if has_jumps and self.C is None else "interval"
+    per_step = want_theta and quadrature == "step"
+    if per_step:
+
+        def integrand(t, z, weighted_a):
+            _, vjp = jax.vjp(
+                lambda th: jax.vmap(
+                    lambda t_, z_: f_theta(th, theta_arrays, direction, t_, z_)
+                )(t, z),
+                theta,
+            )
+            (g,) = vjp(weighted_a)
+            return g
+
+        x, w = gauss_legendre(max(1, math.ceil((order + 1) / 2)))
+        backward_solver = _StepQuadrature(
+            solver,
+            integrand,
+            jtu.tree_map(jnp.zeros_like, theta),
+            tuple(float(v) for v in x),
+            tuple(float(v) for v in w),
+        )
+    else:
+        backward_solver = solver
 
     def interval(carry, xs):
-        a, dt, theta_sum, ok = carry
+        a, dt, theta_sum, failed, need = carry
         t_start, t_end, y_end, g_end, n = xs
         a = jtu.tree_map(jnp.add, a, g_end)
         node_ts, node_ws = interval_rule(n, t_start, t_end, self.max_nodes)
+        # Solve from one ULP inside each end. A split time may be a jump of the
+        # field (`jump_ts`), where its value depends on the side it is evaluated
+        # from; the forward solve steps to either side of a jump, and so does this.
+        lo, hi = jnp.nextafter(t_start, t_end), jnp.nextafter(t_end, t_start)
+        inside = lo < hi
+        lo, hi = jnp.where(inside, lo, t_start), jnp.where(inside, hi, t_end)
+        node_ts = jnp.clip(node_ts, lo, hi)
+        save_nodes = want_theta and not per_step
         sol = dfx.diffeqsolve(
             dfx.ODETerm(aug_vf),
-            solver,
-            t_end,
-            t_start,
+            backward_solver,
+            hi,
+            lo,
             -dt,
             (y_end, a),
             saveat=dfx.SaveAt(
-                ts=node_ts if want_theta else None,
+                ts=node_ts if save_nodes else None,
                 t1=True,
-                controller_state=adaptive,
+                controller_state=True,
+                solver_state=per_step,
             ),
             stepsize_controller=controller,
             adjoint=_ForwardOnly(),
             max_steps=max_steps,
-            throw=throw,
+            throw=False,
         )
         zs, as_ = sol.ys
         a = jtu.tree_map(lambda x: x[-1], as_)
+        _, last, prev, reached = sol.controller_state
         if adaptive:
-            _, last, prev = sol.controller_state
             dt = jnp.where(t_end > t_start, jnp.maximum(last, prev), dt)
-        if want_theta:
+        if per_step:
+            _, total = sol.solver_state
+            theta_sum = jtu.tree_map(jnp.add, theta_sum, total)
+        elif want_theta:
             nodes = lambda x: x[:-1]
             theta_sum = node_sum(
                 theta,
@@ -608,16 +873,25 @@ def _gq_loop_bwd(
                 jtu.tree_map(nodes, as_),
                 n,
             )
-        ok = ok & dfx.is_okay(sol.result)
-        return (a, dt, theta_sum, ok), None
+        # The backward solve runs in diffrax's normalised time -t, from -t_end.
+        bad = ~dfx.is_okay(sol.result)
+        covered = jnp.maximum(reached + hi, jnp.finfo(t_end.dtype).tiny)
+        need = jnp.where(bad, jnp.maximum(need, (t_end - t_start) / covered), need)
+        return (a, dt, theta_sum, failed | bad, need), None
 
     a0 = jtu.tree_map(jnp.zeros_like, y0)
     theta0 = jtu.tree_map(jnp.zeros_like, theta)
-    carry = (a0, jnp.asarray(first_dt, t0.dtype), theta0, jnp.array(True))
-    if num_intervals > 0:
+    carry = (
+        a0,
+        jnp.asarray(first_dt, t0.dtype),
+        theta0,
+        jnp.array(False),
+        jnp.zeros((), t0.dtype),
+    )
+    if times.shape[0] > 1:
         xs = (times[:-1], times[1:], y_after, g_after, counts)
         carry, _ = lax.scan(interval, carry, xs, reverse=True)
-    a_t0, _, theta_sum, ok = carry
+    a_t0, _, theta_sum, failed, need = carry
 
     grad_y0 = jtu.tree_map(jnp.add, a_t0, grad_y0_saved)
     # With nothing to integrate, `theta_sum` is the (args, vf) tree of `None`s.
@@ -630,17 +904,19 @@ def _gq_loop_bwd(
         grad_t0 = -_tree_dot(a_t0, f(t0, y0, args)).astype(t0.dtype)
     if (p_ts is not None and p_ts) or p_t1:
         f_after = jax.vmap(lambda t, y: f(t, y, args))(times[1:], y_after)
-        per_time = jax.vmap(_tree_dot)(g_after, f_after)
-        grad_times = per_time.astype(t0.dtype)
+        per_time = jax.vmap(_tree_dot)(g_after, f_after).astype(t0.dtype)
         if ts is not None and p_ts:
-            grad_ts = grad_times[: ts.shape[0]]
+            pos = jnp.arange(num_ts) if user_pos is None else user_pos
+            grad_ts = per_time[pos]
         if subs.t1 and p_t1:
-            grad_t1 = grad_times[-1]
+            grad_t1 = per_time[-1]
         elif p_t1:
             grad_t1 = jnp.zeros_like(t1)
 
     grads = (grad_y0, grad_args, grad_vf, grad_t0, grad_t1, grad_ts)
+    if throw:
+        return _max_steps_error(grads, failed, need, max_steps)
     # With `throw=False` a failed backward solve cannot raise; make its gradient
     # unmistakably invalid instead of silently wrong.
-    nan_if_failed = lambda x: jnp.where(ok, x, jnp.nan) if eqx.is_array(x) else x
+    nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x) if eqx.is_array(x) else x
     return jtu.tree_map(nan_if_failed, grads)

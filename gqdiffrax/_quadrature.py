@@ -1,27 +1,47 @@
-r"""Gauss–Legendre quadrature and the node rule of the GQ adjoint.
+r"""Gauss–Legendre quadrature and the node rules of the GQ adjoint.
 
 The parameter gradient of a neural ODE is the one-dimensional integral
 
 $$\frac{dL}{d\theta} = \int_{t_0}^{t_K} a_z(t)^\top
 \frac{\partial f}{\partial \theta}\, dt,$$
 
-split at the save times where $a_z$ jumps. On each interval
-$[t_{k-1}, t_k]$ it is approximated with an $n_k$-point Gauss–Legendre rule, exact for
-polynomials of degree $2n_k - 1$, where
+split at the save times (where $a_z$ jumps), at the step-size controller's `jump_ts`
+(where the user has said the vector field is not smooth) and at forward checkpoints. On
+each interval $[t_{k-1}, t_k]$ it is approximated with an $n_k$-point Gauss–Legendre
+rule, exact for polynomials of degree $2n_k - 1$. Two rules choose $n_k$; with
+$\ell_k = t_k - t_{k-1}$, $T = t_1 - t_0$, NFE and $N$ the forward solve's vector-field
+evaluations and steps:
 
-$$n_k = \min\left(\left\lceil C \cdot \mathrm{NFE} \cdot
-\frac{t_k - t_{k-1}}{t_1 - t_0} \right\rceil, n_{\max}\right)$$
+- **The paper's rule** (`GQAdjoint(C=...)`):
+  $n_k = \lceil C \cdot \mathrm{NFE} \cdot \ell_k / T \rceil$.
+- **The tolerance rule** (the default, `C=None`). An $n$-point rule on an interval of
+  length $\ell$ has error $c_n\, \ell^{2n+1} g^{(2n)}(\xi)$ with
+  $c_n = (n!)^4 / ((2n+1)((2n)!)^3)$. If the integrand varies on the time scale the
+  solver resolves, $|g^{(m)}| \approx |g|\,\lambda^m$ with $\lambda h \approx \rho =
+  \varepsilon^{1/(p+1)}$ for a step $h$ of a solver of order $p$ at relative tolerance
+  $\varepsilon$ (`rtol`). An interval that holds $s_k = N \ell_k / T$ steps then has
+  relative quadrature error about $c_n (s_k \rho)^{2n}$, and
+  $n_k$ is the smallest $n$ with $c_n (s_k \rho)^{2n} \le \varepsilon$, and never
+  fewer than the paper's rule at $C = 0.1$ gives. With a constant step size there is
+  no tolerance; $\rho = 0.1$ (ten steps per time scale of the solution) and
+  $\varepsilon = \rho^{p+1}$ stand in for it.
 
-and NFE is the number of vector-field evaluations of the forward solve. $n_k$ is only
-known at run time (NFE is traced), so the rules for every $n \le n_{\max}$ are stored in
-one padded table and row $n$ is looked up dynamically; padded slots carry weight zero.
+Both are capped at `max_nodes`. $n_k$ is only known at run time (the step count is
+traced), so the rules for every $n \le n_{\max}$ are stored in one padded table and row
+$n$ is looked up dynamically; padded slots carry weight zero. The quadrature sum of an
+interval then evaluates exactly $n_k$ rows (`node_sum`).
 """
 
 import functools as ft
+import math
+from collections.abc import Callable
 
+import jax
+import jax.lax as lax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, Float, Int, Real
+from jaxtyping import Array, Float, Int, PyTree, Real
 
 
 MAX_NODES = 64
@@ -100,6 +120,69 @@ def num_nodes(
     return jnp.where(length > 0, jnp.maximum(n, 1), 0)
 
 
+@ft.cache
+def _log_error_constants(max_nodes: int) -> np.ndarray:
+    r"""$\log c_n$ for $n = 1, \ldots, n_{\max}$: the $n$-point Gauss–Legendre error
+    constant $c_n = (n!)^4 / ((2n+1)((2n)!)^3)$."""
+    n = np.arange(1, max_nodes + 1)
+    lg = np.vectorize(math.lgamma)
+    return 4 * lg(n + 1) - np.log(2 * n + 1) - 3 * lg(2 * n + 1)
+
+
+def tolerance_nodes(
+    num_steps: Int[Array, ""] | int,
+    length: Real[Array, " intervals"],
+    span: Real[Array, ""] | float,
+    *,
+    order: int,
+    rtol: Real[Array, ""] | float | None,
+    max_nodes: int,
+) -> Int[Array, " intervals"]:
+    r"""The tolerance rule: the smallest $n$ with $c_n (s \rho)^{2n} \le
+    \varepsilon$ on each interval, where $s = N \ell / T$ is the number of forward
+    steps the interval holds and $\rho = \varepsilon^{1/(p+1)}$ (see the module
+    docstring).
+
+    **Arguments:**
+
+    - `num_steps`: $N$, the forward solve's steps over the span (rejected ones too).
+    - `length`: the intervals' lengths $\ell_k$.
+    - `span`: $T$.
+    - `order`: $p$, the solver's order.
+    - `rtol`: $\varepsilon$, the step-size controller's relative tolerance; `None` for
+        a constant step size.
+    - `max_nodes`: the cap.
+
+    **Returns:**
+
+    The node count of every interval: 0 for an interval of length zero, else in
+    $[1, n_{\max}]$.
+    """
+    length = jnp.abs(jnp.atleast_1d(jnp.asarray(length)))
+    span = jnp.abs(jnp.asarray(span))
+    dtype = length.dtype
+    if rtol is None:
+        log_rho = jnp.log(jnp.asarray(0.1, dtype))
+        log_eps = (order + 1) * log_rho
+    else:
+        # Below float64's resolution the model stops meaning anything; the cap
+        # `max_nodes` then decides.
+        log_eps = jnp.log(jnp.maximum(jnp.asarray(rtol, dtype), 1e-14))
+        log_rho = log_eps / (order + 1)
+    frac = jnp.where(span > 0, length / jnp.where(span > 0, span, 1), 0)
+    steps = jnp.asarray(num_steps, dtype) * frac
+    log_s = jnp.log(jnp.where(steps > 0, steps, 1))
+    n = jnp.arange(1, max_nodes + 1, dtype=dtype)[None, :]
+    log_c = jnp.asarray(_log_error_constants(max_nodes), dtype)[None, :]
+    log_err = log_c + 2 * n * (log_s[:, None] + log_rho)
+    enough = log_err <= log_eps
+    # The first `n` that is enough; `max_nodes` when none is.
+    first = jnp.where(
+        jnp.any(enough, axis=-1), jnp.argmax(enough, axis=-1) + 1, max_nodes
+    )
+    return jnp.where(length > 0, first, 0).astype(jnp.int32)
+
+
 def interval_rule(
     n: Int[Array, ""],
     t_start: Real[Array, ""],
@@ -123,3 +206,86 @@ def interval_rule(
     # Make padded slots land exactly on `t_start`, not a rounding error away from it.
     times = jnp.where(w == 0, t_start, times)
     return times, half * w
+
+
+def _scale_rows(tree: PyTree[Array], w: Float[Array, " rows"]) -> PyTree[Array]:
+    """Multiply each leaf's leading axis by the weights `w`."""
+    return jtu.tree_map(
+        lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), tree
+    )
+
+
+def _node_pieces(vjp_theta, chunk, num, acc, ts, ws, zs, as_):
+    r"""`acc` plus $\sum_{j < \mathrm{num}} w_j\, a_j^\top \partial f/\partial\theta
+    (\tau_j, z_j)$: `num // chunk` full chunks of one `vmap`-ed VJP each, then the
+    remainder in power-of-two pieces (the binary digits of `num mod chunk`), so exactly
+    `num` rows are evaluated and no work goes into padding."""
+
+    def rows(acc, start, size):
+        take = lambda x: lax.dynamic_slice_in_dim(x, start, size)
+        t_c, w_c, z_c, a_c = jtu.tree_map(take, (ts, ws, zs, as_))
+        g = vjp_theta(t_c, z_c, _scale_rows(a_c, w_c))
+        return jtu.tree_map(jnp.add, acc, g)
+
+    num_full = num // chunk
+    acc = lax.fori_loop(0, num_full, lambda i, acc: rows(acc, i * chunk, chunk), acc)
+    start = num_full * chunk
+    size = 1 << ((chunk - 1).bit_length() - 1) if chunk > 1 else 0
+    while size >= 1:
+        acc, start = lax.cond(
+            num - start >= size,
+            lambda acc, start, size=size: (rows(acc, start, size), start + size),
+            lambda acc, start: (acc, start),
+            acc,
+            start,
+        )
+        size //= 2
+    return acc
+
+
+def make_node_sum(
+    f_theta: Callable[[PyTree, PyTree, Array, Array, PyTree], PyTree], chunk: int
+) -> Callable:
+    r"""The quadrature sum of one interval, with a batching rule of its own.
+
+    `f_theta(theta, const, direction, t, z)` is the vector field as a function of the
+    parameters `theta`. The returned
+    `node_sum(theta, const, direction, acc, ts, ws, zs, as_, n)` is
+    `acc` $+ \sum_{j<n} w_j\, a_j^\top \partial f/\partial\theta(\tau_j, z_j)$ over
+    the first `n` rows of the node arrays.
+
+    Unbatched, the piece schedule follows the interval's own node count `n`. Under
+    `jax.vmap` (per-sample solves) `n` differs between samples, and a data-dependent
+    `lax.cond` would be batched into a `select` that runs every piece; instead the
+    schedule follows the largest `n` in the batch, which is not batched, and the extra
+    rows of the other samples carry weight zero (see `interval_rule`).
+    """
+
+    def pieces(num, theta, const, direction, acc, ts, ws, zs, as_):
+        def vjp_theta(t_c, z_c, cot):
+            _, vjp = jax.vjp(
+                lambda th: jax.vmap(lambda t, z: f_theta(th, const, direction, t, z))(
+                    t_c, z_c
+                ),
+                theta,
+            )
+            (g,) = vjp(cot)
+            return g
+
+        return _node_pieces(vjp_theta, chunk, num, acc, ts, ws, zs, as_)
+
+    @jax.custom_batching.custom_vmap
+    def node_sum(theta, const, direction, acc, ts, ws, zs, as_, n):
+        return pieces(n, theta, const, direction, acc, ts, ws, zs, as_)
+
+    @node_sum.def_vmap
+    def _(axis_size, in_batched, theta, const, direction, acc, ts, ws, zs, as_, n):
+        *batched, n_batched = in_batched
+        num = jnp.max(n) if n_batched else n
+        in_axes = jtu.tree_map(lambda b: 0 if b else None, tuple(batched))
+        out = jax.vmap(
+            lambda *xs: pieces(num, *xs), in_axes=in_axes, axis_size=axis_size
+        )(theta, const, direction, acc, ts, ws, zs, as_)
+        return out, jtu.tree_map(lambda _: True, out)
+
+    return node_sum

@@ -1,4 +1,5 @@
 import math
+import re
 
 import diffrax as dfx
 import equinox as eqx
@@ -440,13 +441,79 @@ def test_error_sde_terms_point_to_wong_zakai(getkey):
 def test_error_cde_terms():
     control = dfx.LinearInterpolation(jnp.linspace(0, 1, 5), jnp.ones((5, 2)))
     terms = dfx.ControlTerm(lambda t, y, args: jnp.eye(2), control)
-    with pytest.raises(ValueError, match="single `diffrax.ODETerm`"):
+    with pytest.raises(ValueError, match="controlled differential equations"):
         _solve(
             terms,
             solver=dfx.Heun(),
             dt0=0.1,
             stepsize_controller=dfx.ConstantStepSize(),
         )
+
+
+_control = dfx.CubicInterpolation(
+    jnp.linspace(0, 1, 6),
+    dfx.backward_hermite_coefficients(jnp.linspace(0, 1, 6), jnp.ones((6, 2))),
+)
+
+
+class _MyODETerm(dfx.ODETerm):
+    pass
+
+
+class _ControlField(eqx.Module):
+    control: dfx.AbstractPath
+
+    def __call__(self, t, y, args):
+        return -y * self.control.derivative(t)
+
+
+# Every way a term that is not a plain `ODETerm` (or whose field hides a non-smooth
+# control) can reach the adjoint. `to_ode()` gave silently wrong gradients before.
+@pytest.mark.parametrize(
+    "terms, match",
+    [
+        (
+            dfx.ControlTerm(lambda t, y, args: -jnp.diag(y), _control).to_ode(),
+            "controlled differential equations",
+        ),
+        (_MyODETerm(lambda t, y, args: -y), "subclass of `diffrax.ODETerm`"),
+        (dfx.MultiTerm(_ode, _ode), "single `diffrax.ODETerm`"),
+        (dfx.ODETerm(_ControlField(_control)), "jump_ts=control.ts"),
+        (
+            dfx.ODETerm(lambda t, y, args: -y * _control.derivative(t)),
+            "jump_ts=control.ts",
+        ),
+    ],
+    ids=["to_ode", "subclass", "multiterm", "module-path", "closure-path"],
+)
+def test_error_unverified_terms(terms, match):
+    with pytest.raises(ValueError, match=match):
+        _solve(terms)
+
+
+def test_error_path_in_args():
+    term = dfx.ODETerm(lambda t, y, args: -y * args.derivative(t))
+    with pytest.raises(ValueError, match="jump_ts"):
+        _solve(term, args=_control)
+
+
+def test_error_forward_mode():
+    # A custom VJP cannot be differentiated in forward mode. JAX says so when it
+    # compiles the program (diffeqsolve is jitted, so GQAdjoint never sees the JVP
+    # when traced); the docstring names the alternatives.
+    def f(k):
+        return _solve(dfx.ODETerm(lambda t, y, args: -args * y), args=k).ys[-1, 0]
+
+    for transform in (
+        lambda: jax.jvp(f, (1.0,), (1.0,)),
+        lambda: jax.jacfwd(f)(1.0),
+        lambda: jax.hessian(f)(1.0),
+    ):
+        with pytest.raises(TypeError, match="forward-mode"):
+            transform()
+    assert "diffrax.ForwardMode" in gqdiffrax.GQAdjoint.__doc__
+    # Reverse mode still works.
+    assert jnp.isfinite(jax.grad(f)(1.0))
 
 
 def test_error_event():
@@ -499,6 +566,9 @@ def test_error_step_to():
         (dict(max_nodes=0), "max_nodes"),
         (dict(max_nodes=65), "max_nodes"),
         (dict(node_chunk=0), "node_chunk"),
+        (dict(checkpoints=-1), "checkpoints"),
+        (dict(quadrature="nodes"), "quadrature"),
+        (dict(quadrature="step", C=0.1), "Drop `C`"),
     ],
 )
 def test_error_bad_options(kwargs, match):
@@ -508,9 +578,9 @@ def test_error_bad_options(kwargs, match):
 
 def test_backward_max_steps_raises_or_gives_nan():
     # z stays at 0, so the forward solve needs few steps; the adjoint a' = -5a does
-    # not. The backward solve hits max_steps: it raises with throw=True and gives NaN
-    # with throw=False.
-    def loss(k, throw):
+    # not. The backward solve hits max_steps: it raises, saying it was GQ's backward
+    # pass and how many steps it needs, with throw=True and gives NaN with throw=False.
+    def loss(k, throw, max_steps=24):
         sol = dfx.diffeqsolve(
             dfx.ODETerm(lambda t, y, args: args * jnp.sin(y)),
             dfx.Dopri5(),
@@ -521,13 +591,196 @@ def test_backward_max_steps_raises_or_gives_nan():
             k,
             stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
             adjoint=gqdiffrax.GQAdjoint(),
-            max_steps=24,
+            max_steps=max_steps,
             throw=throw,
         )
         return sol.ys[-1]
 
     k = jnp.array(5.0)
     assert jnp.isfinite(jax.jit(lambda k: loss(k, True))(k))
-    with pytest.raises(Exception, match="maximum number of solver steps"):
+    with pytest.raises(Exception, match="GQAdjoint's backward pass") as info:
         jax.block_until_ready(jax.jit(jax.grad(lambda k: loss(k, True)))(k))
+    # The suggested max_steps is enough.
+    suggested = int(re.search(r"max_steps=(\d+)` to", str(info.value)).group(1))
+    assert suggested > 24
+    g = jax.jit(jax.grad(lambda k: loss(k, True, suggested)))(k)
+    assert jnp.isfinite(g)
     assert jnp.isnan(jax.jit(jax.grad(lambda k: loss(k, False)))(k))
+
+
+#
+# Split times: jump_ts and checkpoints
+#
+
+
+@pytest.mark.parametrize("interpolation", ["linear", "cubic"])
+def test_control_derivative_with_jump_ts(getkey, interpolation):
+    # A field that reads a control's derivative has kinks (cubic) or jumps (linear)
+    # at the knots. With the knots as jump_ts the quadrature is split there, and the
+    # gradient (parameters and the control's data) matches the direct method.
+    knots = jnp.sort(jr.uniform(getkey(), (20,), minval=0.0, maxval=3.0))
+    knots = knots.at[0].set(0.0).at[-1].set(3.0)
+    data = jr.normal(getkey(), (20, 2))
+    weight = jr.normal(getkey(), (2, 2)) * 0.5
+
+    def loss(diff, adjoint):
+        weight, data = diff
+        if interpolation == "linear":
+            control = dfx.LinearInterpolation(knots, data)
+        else:
+            control = dfx.CubicInterpolation(
+                knots, dfx.backward_hermite_coefficients(knots, data)
+            )
+
+        def vf(t, y, args):
+            return jnp.tanh(weight @ y) * args.derivative(t) - 0.2 * y
+
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(vf),
+            dfx.Tsit5(),
+            0.0,
+            3.0,
+            None,
+            jnp.array([0.5, -0.3]),
+            control,
+            stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8, jump_ts=knots),
+            adjoint=adjoint,
+            max_steps=4096,
+        )
+        return jnp.sum(sol.ys**2)
+
+    grad = lambda adjoint: jax.jit(jax.grad(lambda d: loss(d, adjoint)))((weight, data))
+    g_gq = grad(gqdiffrax.GQAdjoint())
+    g_direct = grad(dfx.RecursiveCheckpointAdjoint())
+    assert_tree_allclose(g_gq, g_direct, rtol=1e-5, atol=1e-7)
+
+
+def _dissipative_grad(adjoint, rtol=1e-6, atol=1e-9):
+    # dy/dt = -2 y + 0.5 sin(y) over [0, 10]: the backward re-solve of z runs against
+    # the contraction and amplifies its errors like e^{1.5 t}.
+    def loss(p):
+        y0, args = p
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: -a[0] * y + a[1] * jnp.sin(y)),
+            dfx.Dopri5(),
+            0.0,
+            10.0,
+            None,
+            y0,
+            args,
+            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+            adjoint=adjoint,
+            max_steps=100_000,
+        )
+        return jnp.sum(sol.ys[-1])
+
+    p = (jnp.array([1.0, -2.0, 3.0]), jnp.array([2.0, 0.5]))
+    return jax.jit(jax.grad(loss))(p)
+
+
+def _relative_error(x, y):
+    x, y = (jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(t)]) for t in (x, y))
+    return float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y))
+
+
+def test_checkpoints_remove_backward_amplification():
+    # Against the exact gradient (the direct method at rtol 1e-12): at rtol 1e-6 /
+    # atol 1e-9 the direct method itself is off by 1.5e-4 here, GQ without
+    # checkpoints by 2.8e-4 and with 20 checkpoints by 2.4e-5.
+    exact = _dissipative_grad(dfx.RecursiveCheckpointAdjoint(), 1e-12, 1e-30)
+    plain = _relative_error(_dissipative_grad(gqdiffrax.GQAdjoint()), exact)
+    kept = _relative_error(
+        _dissipative_grad(gqdiffrax.GQAdjoint(checkpoints=20)), exact
+    )
+    assert kept <= 5e-5
+    assert plain > 5 * kept
+
+
+def test_split_times_do_not_change_outputs(getkey):
+    # Checkpoints and jump_ts add saved states to the forward pass; the user still
+    # sees exactly the outputs SaveAt asked for.
+    inputs = _inputs(getkey, 0.0, 1.5)
+    field, y0, args, t0, t1, ts = inputs
+
+    def solve(adjoint, controller):
+        return dfx.diffeqsolve(
+            dfx.ODETerm(field),
+            dfx.Dopri5(),
+            t0,
+            t1,
+            None,
+            y0,
+            args,
+            saveat=dfx.SaveAt(t0=True, ts=ts),
+            stepsize_controller=controller,
+            adjoint=adjoint,
+        )
+
+    pid = dfx.PIDController(rtol=1e-8, atol=1e-8)
+    jumps = dfx.PIDController(rtol=1e-8, atol=1e-8, jump_ts=jnp.array([0.1, 0.7]))
+    base = solve(gqdiffrax.GQAdjoint(), pid)
+    for adjoint, controller in [
+        (gqdiffrax.GQAdjoint(checkpoints=3), pid),
+        (gqdiffrax.GQAdjoint(), jumps),
+    ]:
+        sol = solve(adjoint, controller)
+        assert sol.ts.shape == base.ts.shape and sol.ys.shape == base.ys.shape
+        assert_tree_allclose(sol.ts, base.ts)
+        assert_tree_allclose(sol.ys, base.ys, rtol=1e-6)
+
+
+#
+# quadrature="step": a rule on every backward step
+#
+
+
+class _MLPField(eqx.Module):
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return self.mlp(y)
+
+
+def _relu_grad(adjoint):
+    # diffrax's closure test: a ReLU MLP field, whose parameter integrand jumps
+    # wherever a unit switches on or off.
+    mlp = eqx.nn.MLP(1, 1, 8, 2, key=jr.key(0))
+
+    def loss(mlp):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_MLPField(mlp)),
+            dfx.Tsit5(),
+            0.0,
+            1.0,
+            None,
+            jnp.array([1.0]),
+            stepsize_controller=dfx.PIDController(rtol=1e-8, atol=1e-8),
+            adjoint=adjoint,
+        )
+        return jnp.sum(sol.ys)
+
+    return eqx.filter_jit(eqx.filter_grad(loss))(mlp)
+
+
+def test_step_quadrature_on_a_relu_field():
+    # Both continuous adjoints agree with each other (the direct method, a discrete
+    # gradient, differs from them by ~2.5e-3 at the kinks). One rule per interval
+    # cannot resolve the jumps: default GQ is off by ~8e-3.
+    backsolve = _relu_grad(dfx.BacksolveAdjoint())
+    step = _relu_grad(gqdiffrax.GQAdjoint(quadrature="step"))
+    interval = _relu_grad(gqdiffrax.GQAdjoint())
+    err_step = _relative_error(step, backsolve)
+    err_interval = _relative_error(interval, backsolve)
+    assert err_step < 1e-4
+    assert err_interval > 10 * err_step
+
+
+@pytest.mark.parametrize("saveat", ["t1", "t0_ts_t1"])
+def test_step_quadrature_matches_direct(getkey, saveat):
+    inputs = _inputs(getkey, 1.5, 0.0)
+    grad = lambda adjoint: eqx.filter_jit(
+        eqx.filter_grad(ft_partial(_loss, adjoint=adjoint, saveat=saveat))
+    )
+    g_step = grad(gqdiffrax.GQAdjoint(quadrature="step", checkpoints=2))(inputs)
+    g_direct = grad(dfx.RecursiveCheckpointAdjoint())(inputs)
+    assert_tree_allclose(g_step, g_direct, rtol=1e-6, atol=1e-8)

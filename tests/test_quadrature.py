@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import gqdiffrax
-from gqdiffrax._quadrature import interval_rule, num_nodes
+from gqdiffrax import gauss_legendre
+from gqdiffrax._quadrature import interval_rule, num_nodes, tolerance_nodes
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 33, 64])
@@ -81,3 +82,44 @@ def test_interval_rule_integrates_polynomials(n):
         approx = jnp.sum(weights * times**degree)
         exact = (t_end ** (degree + 1) - t_start ** (degree + 1)) / (degree + 1)
         assert jnp.allclose(approx, exact, rtol=1e-12)
+
+
+def test_tolerance_nodes_follow_tolerance_steps_and_order():
+    lengths = jnp.array([0.0, 1e-3, 0.1, 1.0])
+    rule = lambda steps, rtol, order=5: tolerance_nodes(
+        steps, lengths, 1.0, order=order, rtol=rtol, max_nodes=64
+    )
+    n = rule(10, 1e-6)
+    # No nodes on an empty interval; one on an interval far shorter than a step.
+    assert int(n[0]) == 0 and int(n[1]) == 1
+    # More nodes for longer intervals, tighter tolerances, more steps.
+    assert jnp.all(jnp.diff(n) >= 0) and int(n[-1]) > int(n[-2])
+    # At a fixed step count a tighter tolerance also means a smoother integrand on
+    # the scale of a step ($\rho$ shrinks), so the count need not grow with it.
+    assert jnp.all(rule(10, 1e-9) >= n)
+    assert jnp.all(rule(40, 1e-6) >= n) and int(rule(40, 1e-6)[-1]) > int(n[-1])
+    # The cap.
+    assert int(rule(10**6, 1e-12)[-1]) == 64
+
+
+def test_tolerance_nodes_meet_their_error_model():
+    # The rule's promise on an integrand that varies on the modelled time scale:
+    # g(t) = cos(lambda t) with lambda h = rho, h the step. The n-point rule it picks
+    # integrates g over s steps to about the tolerance; n - 1 points do not.
+    for rtol, steps in [(1e-4, 3.0), (1e-6, 5.0), (1e-8, 8.0)]:
+        order = 5
+        rho = rtol ** (1 / (order + 1))
+        n = int(
+            tolerance_nodes(
+                steps, jnp.ones(1), 1.0, order=order, rtol=rtol, max_nodes=64
+            )[0]
+        )
+        lam = steps * rho  # One unit of time holds `steps` steps.
+        exact = np.sin(lam) / lam
+
+        def err(m):
+            x, w = gauss_legendre(m)
+            return abs(np.sum(0.5 * w * np.cos(lam * (x + 1) / 2)) - exact) / abs(exact)
+
+        assert err(n) <= 10 * rtol
+        assert n == 1 or err(n - 1) > rtol / 10
