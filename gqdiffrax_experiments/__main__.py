@@ -4,6 +4,7 @@ benchmarks, one `Task` per module."""
 import sys
 
 from . import (
+    accuracy,
     bench_gradients,
     c_ablation,
     crossing,
@@ -34,6 +35,7 @@ TASKS = {
         c_ablation,
         ees_stability,
         bench_gradients,
+        accuracy,
     )
 }
 
