@@ -328,7 +328,7 @@ def _markdown(rows, args) -> str:
             "dy/dt = -k y + 0.5 sin(y), rtol = 1e-6, error against the direct method "
             "at rtol = 1e-12:",
             "",
-            "| k | atol | |dL/dp| | " + " | ".join(methods) + " |",
+            "| k | atol | norm of dL/dp | " + " | ".join(methods) + " |",
             "|---:|---:|---:|" + "---:|" * len(methods),
         ]
         for k, atol in dict.fromkeys((r["k"], r["atol"]) for r in cp_rows):
