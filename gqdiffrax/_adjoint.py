@@ -37,7 +37,6 @@ the inexact leaves of `args`, so all of them get gradients.
 
 import math
 import typing
-from typing import Any
 
 import diffrax as dfx
 import equinox as eqx
@@ -47,25 +46,21 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._adjoint_common import (
-    check_saveat,
     closure_convert_terms,
     fill_cotangents,
     lax_loop,
     nondiff,
     t0_cotangent,
 )
-from ._diffrax_internals import (
-    ControlToODE,
-    is_sde,
-    only_transpose_ys,
-    WrapTerm,
-)
+from ._diffrax_internals import only_transpose_ys, WrapTerm
+from ._gq_support import check_supported
 from ._quadrature import (
     gauss_legendre,
     interval_rule,
     make_node_sum,
     MAX_NODES,
     num_nodes,
+    StepQuadrature,
     tolerance_nodes,
 )
 
@@ -228,7 +223,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
         passed_controller_state,
         progress_meter,
     ):
-        _check_supported(terms, solver, stepsize_controller, event, saveat, args)
+        check_supported(terms, solver, stepsize_controller, event, saveat, args)
         del passed_solver_state, passed_controller_state
         direction = terms.direction
         ode_term = terms.term
@@ -300,114 +295,6 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
 """
 
 
-def _is_explicit_rk(solver) -> bool:
-    return isinstance(solver, dfx.AbstractRungeKutta) and (
-        isinstance(solver.tableau, dfx.ButcherTableau) and not solver.tableau.implicit
-    )
-
-
-def _is_path(x: Any) -> bool:
-    return isinstance(x, dfx.AbstractPath)
-
-
-# Paths whose derivative is smooth in t: the quadrature needs no split times for them.
-def _is_smooth_path(path: dfx.AbstractPath) -> bool:
-    from ._wiener import WienerSurrogate
-
-    return isinstance(path, WienerSurrogate)
-
-
-def _paths_in(x: Any, depth: int = 2) -> list:
-    """The `diffrax.AbstractPath`s in a pytree, and in the closures of the functions in
-    it (`depth` levels deep): where a vector field can hide a control."""
-    found = []
-    for leaf in jtu.tree_leaves(x, is_leaf=_is_path):
-        if _is_path(leaf):
-            found.append(leaf)
-        elif depth > 0 and callable(leaf):
-            fn = getattr(leaf, "__func__", leaf)
-            cells = getattr(fn, "__closure__", None) or ()
-            for cell in cells:
-                try:
-                    found.extend(_paths_in(cell.cell_contents, depth - 1))
-                except ValueError:  # An empty cell.
-                    pass
-            code, scope = getattr(fn, "__code__", None), getattr(fn, "__globals__", {})
-            for name in getattr(code, "co_names", ()):
-                if _is_path(scope.get(name)):
-                    found.append(scope[name])
-    return found
-
-
-def _check_supported(terms, solver, stepsize_controller, event, saveat, args) -> None:
-    """Raise at trace time, with the fix, for everything GQAdjoint has not verified."""
-    if jtu.tree_structure(solver.term_structure) != jtu.tree_structure(0):
-        raise NotImplementedError(
-            f"{_NAME} supports solvers that take a single term; "
-            f"`{type(solver).__name__}` takes several. Use an explicit Runge–Kutta "
-            "solver such as `diffrax.Dopri5()` on a single `diffrax.ODETerm`."
-        )
-    inner = terms.term if isinstance(terms, WrapTerm) else terms
-    if is_sde(terms):
-        raise ValueError(
-            f"{_NAME} differentiates ODEs, but `terms` contains Brownian motion (an "
-            "SDE). Train the SDE as an ODE driven by a smooth Wiener surrogate "
-            "(Wong–Zakai): `terms = gqdiffrax.wong_zakai_term(drift, diffusion, "
-            "gqdiffrax.WienerSurrogate(t0, t1, shape, key))`, then evaluate the "
-            "trained drift and diffusion with an SDE solver (see "
-            "`gqdiffrax.sde_terms`)."
-        )
-    cde = (
-        f"{_NAME} does not support controlled differential equations yet: a "
-        "control's knots make the quadrature's integrand non-smooth, and its gradient "
-        "is not verified. Use `adjoint=diffrax.RecursiveCheckpointAdjoint()` (or "
-        "`diffrax.BacksolveAdjoint()`) for a neural CDE."
-    )
-    if isinstance(inner, dfx.ControlTerm) or (
-        type(inner) is dfx.ODETerm and isinstance(inner.vector_field, ControlToODE)
-    ):
-        raise ValueError(cde)
-    if type(inner) is not dfx.ODETerm:
-        kind = (
-            f"a subclass of `diffrax.ODETerm` (`{type(inner).__name__}`), which may "
-            "change how the vector field is evaluated"
-            if isinstance(inner, dfx.ODETerm)
-            else f"`{type(inner).__name__}`"
-        )
-        raise ValueError(
-            f"{_NAME} supports a single `diffrax.ODETerm`; got {kind}. Pass "
-            "`diffrax.ODETerm(f)` with your vector field `f(t, y, args)`, or use "
-            "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for other terms."
-        )
-    rough = [p for p in _paths_in((inner.vector_field, args)) if not _is_smooth_path(p)]
-    if rough and getattr(stepsize_controller, "jump_ts", None) is None:
-        raise ValueError(
-            f"{_NAME}: the vector field uses a `{type(rough[0]).__name__}`, whose "
-            "derivative is not smooth at its knots, and a Gauss–Legendre rule that "
-            "spans a knot gives a wrong gradient. Tell diffrax where the knots are: "
-            "`stepsize_controller=diffrax.PIDController(rtol=..., atol=..., "
-            "jump_ts=control.ts)`; GQAdjoint then splits its quadrature there."
-        )
-    if event is not None:
-        raise NotImplementedError(
-            f"{_NAME} does not support events. Solve up to a fixed `t1`, or use "
-            "`diffrax.RecursiveCheckpointAdjoint()` to differentiate through an event."
-        )
-    check_saveat(saveat, "gqdiffrax.GQAdjoint()")
-    if not (_is_explicit_rk(solver) or isinstance(solver, dfx.Euler)):
-        raise NotImplementedError(
-            f"{_NAME} supports explicit Runge–Kutta solvers (e.g. `diffrax.Dopri5()`, "
-            f"`Tsit5()`, `Heun()`, `Euler()`); got `{type(solver).__name__}`. "
-            "Implicit, multi-term and stochastic solvers are not supported."
-        )
-    if isinstance(stepsize_controller, dfx.StepTo):
-        raise NotImplementedError(
-            f"{_NAME} does not support `diffrax.StepTo`: the backward solve cannot "
-            "reuse the forward grid. Use `diffrax.ConstantStepSize()` with `dt0`, or "
-            "`diffrax.PIDController(rtol=..., atol=...)`."
-        )
-
-
 def _forward_nfe(solver, num_steps):
     """Vector-field evaluations of the forward solve, from its step count and the
     solver's tableau (rejected steps included: they cost evaluations too)."""
@@ -468,69 +355,6 @@ class _BackwardController(dfx.AbstractStepSizeController):
             (state, tnext - tprev, last, tprev),
             result,
         )
-
-
-class _StepQuadrature(dfx.AbstractSolver):
-    r"""Wraps the solver of a backward solve so that every step also integrates
-    $a_z^\top \partial f/\partial\theta$ over itself, with a Gauss–Legendre rule on
-    the step's dense output, into a sum carried in the solver state. diffrax keeps a
-    step's solver state only when it accepts the step, so the sum holds accepted steps
-    only.
-
-    The backward solve runs in diffrax's normalised time $s = -t$; `integrand(t, z, a)`
-    takes the nodes' (forward) times, states and weighted adjoints and returns their
-    summed parameter cotangent.
-    """
-
-    solver: dfx.AbstractSolver
-    integrand: Any = eqx.field(static=True)
-    zeros: Any
-    nodes: tuple[float, ...] = eqx.field(static=True)
-    weights: tuple[float, ...] = eqx.field(static=True)
-
-    @property
-    def term_structure(self):
-        return self.solver.term_structure
-
-    @property
-    def interpolation_cls(self):  # pyright: ignore
-        return self.solver.interpolation_cls
-
-    @property
-    def term_compatible_contr_kwargs(self):
-        return self.solver.term_compatible_contr_kwargs
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def strong_order(self, terms):
-        return self.solver.strong_order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
-
-    def init(self, terms, t0, t1, y0, args):
-        return self.solver.init(terms, t0, t1, y0, args), self.zeros
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        inner_state, total = solver_state
-        y1, y_error, dense_info, inner_state, result = self.solver.step(
-            terms, t0, t1, y0, args, inner_state, made_jump
-        )
-        interpolation = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
-        x = jnp.asarray(self.nodes, t0.dtype)
-        half = 0.5 * (t1 - t0)
-        s = 0.5 * (t0 + t1) + half * x
-        z, a = jax.vmap(interpolation.evaluate)(s)
-        w = half * jnp.asarray(self.weights, t0.dtype)
-        weighted = jtu.tree_map(
-            lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), a
-        )
-        total = jtu.tree_map(jnp.add, total, self.integrand(-s, z, weighted))
-        return y1, y_error, dense_info, (inner_state, total), result
-
-    def func(self, terms, t0, y0, args):
-        return self.solver.func(terms, t0, y0, args)
 
 
 def _wrapped_vf(vf, direction):
@@ -811,7 +635,7 @@ def _gq_loop_bwd(
             return g
 
         x, w = gauss_legendre(max(1, math.ceil((order + 1) / 2)))
-        backward_solver = _StepQuadrature(
+        backward_solver = StepQuadrature(
             solver,
             integrand,
             jtu.tree_map(jnp.zeros_like, theta),

@@ -12,7 +12,7 @@ import equinox as eqx
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from diffrax import ControlTerm, ODETerm, SaveAt, SubSaveAt
+from diffrax import AbstractSolver, ControlTerm, ODETerm, SaveAt, SubSaveAt
 from jaxtyping import Array, PyTree
 
 from ._diffrax_internals import lax_while_loop, nondifferentiable, save_y
@@ -129,3 +129,36 @@ def nondiff(tree: PyTree, *, name: str | None = None) -> PyTree:
         stop = lambda x: lax.stop_gradient(x) if eqx.is_array(x) else x
         return jtu.tree_map(stop, tree)
     return nondifferentiable(tree, name=name)
+
+
+class AbstractWrappedSolver(AbstractSolver):
+    """A solver that runs `solver` and carries something more in the solver state:
+    everything but `init` and `step` is `solver`'s. diffrax keeps a step's solver state
+    only when it accepts the step, so what a wrapper accumulates there sees accepted
+    steps only."""
+
+    solver: eqx.AbstractVar[AbstractSolver]
+
+    @property
+    def term_structure(self):
+        return self.solver.term_structure
+
+    @property
+    def interpolation_cls(self):  # pyright: ignore
+        return self.solver.interpolation_cls
+
+    @property
+    def term_compatible_contr_kwargs(self):
+        return self.solver.term_compatible_contr_kwargs
+
+    def order(self, terms):
+        return self.solver.order(terms)
+
+    def strong_order(self, terms):
+        return self.solver.strong_order(terms)
+
+    def error_order(self, terms):
+        return self.solver.error_order(terms)
+
+    def func(self, terms, t0, y0, args):
+        return self.solver.func(terms, t0, y0, args)

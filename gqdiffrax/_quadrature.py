@@ -35,13 +35,17 @@ interval then evaluates exactly $n_k$ rows (`node_sum`).
 import functools as ft
 import math
 from collections.abc import Callable
+from typing import Any
 
+import equinox as eqx
 import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree, Real
+
+from ._adjoint_common import AbstractWrappedSolver
 
 
 MAX_NODES = 64
@@ -289,3 +293,42 @@ def make_node_sum(
         return out, jtu.tree_map(lambda _: True, out)
 
     return node_sum
+
+
+class StepQuadrature(AbstractWrappedSolver):
+    r"""Wraps the solver of a backward solve so that every step also integrates
+    $a_z^\top \partial f/\partial\theta$ over itself, with a Gauss–Legendre rule on
+    the step's dense output, into a sum carried in the solver state. diffrax keeps a
+    step's solver state only when it accepts the step, so the sum holds accepted steps
+    only.
+
+    The backward solve runs in diffrax's normalised time $s = -t$; `integrand(t, z, a)`
+    takes the nodes' (forward) times, states and weighted adjoints and returns their
+    summed parameter cotangent.
+    """
+
+    solver: Any
+    integrand: Any = eqx.field(static=True)
+    zeros: Any
+    nodes: tuple[float, ...] = eqx.field(static=True)
+    weights: tuple[float, ...] = eqx.field(static=True)
+
+    def init(self, terms, t0, t1, y0, args):
+        return self.solver.init(terms, t0, t1, y0, args), self.zeros
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        inner_state, total = solver_state
+        y1, y_error, dense_info, inner_state, result = self.solver.step(
+            terms, t0, t1, y0, args, inner_state, made_jump
+        )
+        interpolation = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
+        x = jnp.asarray(self.nodes, t0.dtype)
+        half = 0.5 * (t1 - t0)
+        s = 0.5 * (t0 + t1) + half * x
+        z, a = jax.vmap(interpolation.evaluate)(s)
+        w = half * jnp.asarray(self.weights, t0.dtype)
+        weighted = jtu.tree_map(
+            lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), a
+        )
+        total = jtu.tree_map(jnp.add, total, self.integrand(-s, z, weighted))
+        return y1, y_error, dense_info, (inner_state, total), result

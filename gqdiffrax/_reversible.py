@@ -34,6 +34,7 @@ from diffrax import (
 from jaxtyping import Array
 
 from ._adjoint_common import (
+    AbstractWrappedSolver,
     check_saveat,
     closure_convert_terms,
     fill_cotangents,
@@ -85,7 +86,7 @@ class _Reversed(AbstractTerm):
         return self.term.is_vf_expensive(t1, t0, y, args)
 
 
-class _Checkpointing(AbstractSolver):
+class _Checkpointing(AbstractWrappedSolver):
     """Wraps a solver during the forward pass so that its state also carries a buffer
     holding $(y, s)$ after every `every`-th step.
 
@@ -96,27 +97,6 @@ class _Checkpointing(AbstractSolver):
 
     solver: AbstractSolver
     every: int = eqx.field(static=True)
-
-    @property
-    def term_structure(self):
-        return self.solver.term_structure
-
-    @property
-    def interpolation_cls(self):  # pyright: ignore
-        return self.solver.interpolation_cls
-
-    @property
-    def term_compatible_contr_kwargs(self):
-        return self.solver.term_compatible_contr_kwargs
-
-    def order(self, terms):
-        return self.solver.order(terms)
-
-    def strong_order(self, terms):
-        return self.solver.strong_order(terms)
-
-    def error_order(self, terms):
-        return self.solver.error_order(terms)
 
     def init(self, terms, t0, t1, y0, args):
         raise AssertionError(
@@ -137,9 +117,6 @@ class _Checkpointing(AbstractSolver):
             (y1, inner_state),
         )
         return y1, y_error, dense_info, (inner_state, count, buffer), result
-
-    def func(self, terms, t0, y0, args):
-        return self.solver.func(terms, t0, y0, args)
 
 
 class _Grid(eqx.Module):

@@ -19,7 +19,7 @@ import jax.random as jr
 import numpy as np
 
 import gqdiffrax
-import gqdiffrax._adjoint as gq_adjoint
+import gqdiffrax._gq_support as gq_support
 
 from ._task import add_options, positive_float, presets, Result, say, Task
 
@@ -183,12 +183,12 @@ def _knot_grads(kind, adjoint, rtol, jumps):
 def _unchecked_paths(fn):
     """Run `fn` with GQAdjoint's refusal of non-smooth paths switched off: how the
     "without jump_ts" rows measure what that refusal prevents."""
-    real = gq_adjoint._paths_in
-    gq_adjoint._paths_in = lambda *args, **kwargs: []
+    real = gq_support._paths_in
+    gq_support._paths_in = lambda *args, **kwargs: []
     try:
         return fn()
     finally:
-        gq_adjoint._paths_in = real
+        gq_support._paths_in = real
 
 
 def _knot_rows():
@@ -361,7 +361,13 @@ def add_arguments(parser):
 
 
 def run(args) -> Result:
-    jax.config.update("jax_enable_x64", True)
+    # Errors down to 1e-9 need float64, whatever the caller's setting.
+    with jax.enable_x64(True):
+        rows = _measure(args)
+    return Result(rows, _markdown(rows, args))
+
+
+def _measure(args) -> list[dict]:
     rows = []
     for problem in args.problems:
         for tol in args.tols:
@@ -382,7 +388,7 @@ def run(args) -> Result:
         rows += _knot_rows()
     if args.checkpoints:
         rows += _checkpoint_rows(args.checkpoints)
-    return Result(rows, _markdown(rows, args))
+    return rows
 
 
 TASK = Task(

@@ -268,6 +268,20 @@ def test_exponential_matches_closed_form(tmp_path):
 
 
 @pytest.mark.slow
+def test_accuracy_default_rule_matches_backsolve(tmp_path):
+    out = tmp_path / "accuracy"
+    run_task("accuracy", "--smoke", "--out", out)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    error = {(r["method"], r["tol"]): r["error"] for r in runs}
+    assert {tol for _, tol in error} == {1e-4, 1e-6}
+    for tol in (1e-4, 1e-6):
+        # float64 errors, far below float32's resolution.
+        assert error["gq, default", tol] < 10 * tol
+        assert error["gq, default", tol] <= 2 * error["backsolve", tol]
+    assert "| exponential | 1e-06 |" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
 def test_memory_direct_grows_gq_flat(tmp_path):
     out = tmp_path / "memory"
     run_task("memory", "--smoke", "--tols", "1e-3", "1e-6", "--out", out)
