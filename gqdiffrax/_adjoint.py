@@ -139,7 +139,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
         Forward-mode autodiff (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) is not
         supported, as for every adjoint built on a custom VJP; JAX raises
         `TypeError: can't apply forward-mode autodiff (jvp) to a custom_vjp function`
-        when the program is compiled. Use [`diffrax.ForwardMode`][] for forward mode,
+        when the program is compiled. Use `diffrax.ForwardMode` for forward mode,
         or [`diffrax.RecursiveCheckpointAdjoint`][] for both modes.
 
     ??? cite "References"
