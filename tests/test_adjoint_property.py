@@ -207,11 +207,26 @@ def _check(structure, data):
     assert max(errors) <= bound, (structure, data, errors, bound)
 
 
-# Every failing example hypothesis ever found, kept as explicit regressions. Against
-# the library as of this file's commit it found none (30 fast-tier examples); the two
-# below pin the edge cases a random draw reaches only rarely: reverse time with save
-# times on both ends, and every save time repeated at t0.
+# Every failing example hypothesis ever found, kept as explicit regressions. The first
+# two pin edge cases a random draw reaches only rarely: reverse time with save times on
+# both ends, and every save time repeated at t0. The third is the one failure the slow
+# tier (300 examples) found: constant-step Tsit5 on a tuple state, where the time
+# gradients differ from the direct method's by 1.2e-10, over the bound of 1e-10 then
+# in force. It is the discretisation gap between the continuous time gradient
+# (g . f(t_k, y(t_k))) and the derivative of Tsit5's dense output, not a bug; the
+# constant-step bound of Tsit5 in tests/helpers.py is now 1e-9.
 _REGRESSIONS = [
+    (
+        ("tuple", "array", (False, False, True), "Tsit5", False, "float64", 1),
+        dict(
+            direction=1,
+            t_start=0.0,
+            horizon=0.5,
+            fractions=[0.5],
+            values=[0.0] * 7,
+            scale=1.0,
+        ),
+    ),
     (
         _FAST_POOL[0],
         dict(
