@@ -53,7 +53,7 @@ from ._adjoint_common import (
     t0_cotangent,
 )
 from ._diffrax_internals import only_transpose_ys, WrapTerm
-from ._gq_support import check_supported
+from ._gq_support import check_supported, jump_times
 from ._quadrature import (
     gauss_legendre,
     interval_rule,
@@ -65,7 +65,6 @@ from ._quadrature import (
 )
 
 
-_NAME = "`adjoint=gqdiffrax.GQAdjoint()`"
 # The paper's default `C`: the tolerance rule never uses fewer nodes than this gives.
 _PAPER_C = 0.1
 
@@ -380,8 +379,8 @@ def _split_times(t0, t1, ts, subs, stepsize_controller, checkpoints):
     else:
         return None
     pieces = []
-    jump_ts = getattr(stepsize_controller, "jump_ts", None)
-    if jump_ts is not None and jump_ts.shape[0] > 0:
+    jump_ts = jump_times(stepsize_controller)
+    if jump_ts is not None:
         pieces.append(jnp.clip(jump_ts.astype(t0.dtype), t0, t_end))
     if checkpoints > 0:
         frac = jnp.arange(1, checkpoints + 1, dtype=t0.dtype) / (checkpoints + 1)
@@ -619,7 +618,7 @@ def _gq_loop_bwd(
 
     quadrature = self.quadrature
     if quadrature is None:
-        has_jumps = getattr(stepsize_controller, "jump_ts", None) is not None
+        has_jumps = jump_times(stepsize_controller) is not None
         quadrature = "step" if has_jumps and self.C is None else "interval"
     per_step = want_theta and quadrature == "step"
     if per_step:

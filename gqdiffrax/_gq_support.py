@@ -13,6 +13,15 @@ from ._diffrax_internals import ControlToODE, is_sde, WrapTerm
 _NAME = "`adjoint=gqdiffrax.GQAdjoint()`"
 
 
+def jump_times(stepsize_controller) -> Any:
+    """The controller's `jump_ts` (where the user has told diffrax the vector field is
+    not smooth), or `None` when it has none."""
+    jump_ts = getattr(stepsize_controller, "jump_ts", None)
+    if jump_ts is None or jump_ts.shape[0] == 0:
+        return None
+    return jump_ts
+
+
 def _is_explicit_rk(solver) -> bool:
     return isinstance(solver, dfx.AbstractRungeKutta) and (
         isinstance(solver.tableau, dfx.ButcherTableau) and not solver.tableau.implicit
@@ -93,7 +102,7 @@ def check_supported(terms, solver, stepsize_controller, event, saveat, args) -> 
             "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for other terms."
         )
     rough = [p for p in _paths_in((inner.vector_field, args)) if not _is_smooth_path(p)]
-    if rough and getattr(stepsize_controller, "jump_ts", None) is None:
+    if rough and jump_times(stepsize_controller) is None:
         raise ValueError(
             f"{_NAME}: the vector field uses a `{type(rough[0]).__name__}`, whose "
             "derivative is not smooth at its knots, and a Gauss–Legendre rule that "

@@ -784,3 +784,41 @@ def test_step_quadrature_matches_direct(getkey, saveat):
     g_step = grad(gqdiffrax.GQAdjoint(quadrature="step", checkpoints=2))(inputs)
     g_direct = grad(dfx.RecursiveCheckpointAdjoint())(inputs)
     assert_tree_allclose(g_step, g_direct, rtol=1e-6, atol=1e-8)
+
+
+def test_split_times_and_step_quadrature_under_vmap(getkey):
+    # Per-sample solves with checkpoints, jump_ts (so quadrature="step") and save
+    # times: every sample's merged save/split times differ, both vmap orders.
+    field = _field(getkey())
+    y0s = jr.normal(getkey(), (3, 2))
+    t1s = jnp.array([0.8, 1.5, 2.0])
+    controller = dfx.PIDController(rtol=1e-9, atol=1e-9, jump_ts=jnp.array([0.3, 1.1]))
+
+    def loss(field, y0, t1, adjoint):
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(field),
+            dfx.Tsit5(),
+            0.0,
+            t1,
+            None,
+            y0,
+            {"scale": jnp.array(0.9)},
+            saveat=dfx.SaveAt(ts=jnp.array([0.25, 0.5]) * t1, t1=True),
+            stepsize_controller=controller,
+            adjoint=adjoint,
+        )
+        return jnp.sum(jnp.sin(sol.ys))
+
+    def both(adjoint):
+        per_sample = jax.vmap(
+            eqx.filter_grad(lambda f, y, t: loss(f, y, t, adjoint)),
+            in_axes=(None, 0, 0),
+        )
+        mean = eqx.filter_grad(
+            lambda f: jnp.mean(jax.vmap(lambda y, t: loss(f, y, t, adjoint))(y0s, t1s))
+        )
+        return eqx.filter_jit(lambda f: (per_sample(f, y0s, t1s), mean(f)))(field)
+
+    got = both(gqdiffrax.GQAdjoint(checkpoints=3))
+    want = both(dfx.RecursiveCheckpointAdjoint())
+    assert_tree_allclose(got, want, rtol=1e-6, atol=1e-9)

@@ -84,7 +84,7 @@ def test_interval_rule_integrates_polynomials(n):
         assert jnp.allclose(approx, exact, rtol=1e-12)
 
 
-def test_tolerance_nodes_follow_tolerance_steps_and_order():
+def test_tolerance_nodes_follow_tolerance_and_steps():
     lengths = jnp.array([0.0, 1e-3, 0.1, 1.0])
     rule = lambda steps, rtol, order=5: tolerance_nodes(
         steps, lengths, 1.0, order=order, rtol=rtol, max_nodes=64
