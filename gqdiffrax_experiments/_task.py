@@ -25,6 +25,7 @@ import numpy as np
 
 import gqdiffrax
 
+from . import _cpu
 from ._methods import METHODS
 
 
@@ -66,6 +67,7 @@ class Task:
     - `methods`: the choices of `--methods` (none: no such option).
     - `training`: whether the task trains models (`--widths`, `--seeds`, `--epochs`,
         `--batch-size`, `--lr`, `--devices`, `--distributed`, `--no-nfe`).
+    - `threads`: whether `--threads N` pins the run to N CPU threads (benchmarks).
     - `gq_constant`: whether `--C` sets GQAdjoint's constant, where `gq` is a method.
     - `arguments(parser)`: adds the task's own options.
     """
@@ -77,6 +79,7 @@ class Task:
     methods: Sequence[str] = ()
     _: dataclasses.KW_ONLY
     training: bool = False
+    threads: bool = False
     gq_constant: bool = True
     arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
@@ -185,6 +188,16 @@ def make_parser(task: Task) -> argparse.ArgumentParser:
         )
     if task.training:
         _training_arguments(parser)
+    if task.threads:
+        parser.add_argument(
+            "--threads",
+            type=positive_int,
+            metavar="N",
+            help="run on N CPU threads: pin the process to N cores (Linux) and, for "
+            "N = 1, turn off XLA's multi-threaded Eigen (default: every thread the "
+            "process is given; the count and the load average are reported either "
+            "way)",
+        )
     if task.gq_constant and "gq" in task.methods:
         parser.add_argument(
             "--C",
@@ -233,6 +246,12 @@ def parse_args(task: Task, argv: Sequence[str]) -> argparse.Namespace:
         args.methods = list(dict.fromkeys(args.methods))
     if args.out is None:
         args.out = pathlib.Path("results") / task.name
+    # Both change how JAX creates its backend, so they come before anything runs.
+    if task.threads and args.threads is not None:
+        try:
+            _cpu.pin_threads(args.threads)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if task.training and args.distributed:
         jax.distributed.initialize()
     return args
@@ -262,6 +281,8 @@ def environment() -> dict:
         device_kind=devices[0].device_kind,
         num_devices=len(devices),
         cpu_count=os.cpu_count(),
+        cpu_threads=_cpu.cpu_threads(),
+        load_average=_cpu.load_average(),
         python=platform.python_version(),
         platform=platform.platform(),
     )

@@ -35,6 +35,13 @@ figure is the median, and the ratios are ratios of medians. The forward NFE is
 `sol.stats["num_fevals"]` of the GQ solve (the maximum over samples in regime (c),
 where a vmapped solve steps until its slowest sample is done).
 
+Threads. Every method runs on the CPU threads the process is given; the table's header,
+`results.json` and every row of `runs.csv` report their number and the machine's load
+average (1, 5 and 15 minutes; a load above the thread count means other processes
+competed for them). `--threads N` pins the process to N cores before JAX starts (Linux),
+and `--threads 1` also turns off XLA's multi-threaded Eigen, so that every method runs
+on one core.
+
 Memory. XLA's `temp_size_in_bytes` of every compiled gradient is recorded: a
 deterministic number, unlike a measured peak. At one width (1024 by default) each
 method is also compiled at `max_steps` 256 and 16384: the adjoint methods should need
@@ -67,6 +74,7 @@ import jax.random as jr
 import jax.tree_util as jtu
 import optax
 
+from . import _cpu
 from ._figures import pyplot
 from ._methods import (
     compile_aot,
@@ -543,10 +551,12 @@ def run(args) -> Result:
         for m in args.methods
     }
     key = jr.key(args.seed)
+    cpu = _cpu.describe(args.threads)
     start = time.perf_counter()
     rows = []
     for name in args.regimes:
         for width in args.widths:
+            load = _cpu.load_average()
             row = bench_one(
                 REGIMES[name],
                 width,
@@ -555,7 +565,7 @@ def run(args) -> Result:
                 key=key,
                 compiler_options=compiler_options,
             )
-            rows.append(row)
+            rows.append(dict(row, threads=cpu["threads"], load_average=load))
             say(
                 f"[{time.perf_counter() - start:6.0f}s] ({name}) width {width}: "
                 + ", ".join(f"{m} {row['median_ms'][m]:.1f} ms" for m in solves)
@@ -567,17 +577,32 @@ def run(args) -> Result:
             rows, args, solves, key=key, compiler_options=compiler_options
         )
     targets = check_targets(rows, memory)
+    cpu["load_average_end"] = _cpu.load_average()
     summary = (
         f"rtol={args.rtol}, atol={args.atol}, Dopri5, float32, "
         f"max_steps={args.max_steps}, median of {args.repeats} interleaved repeats, "
-        "ms per gradient.\n\n" + format_tables(rows, memory, targets)
+        f"ms per gradient.\n{_cpu.header(cpu, cpu['load_average_end'])}\n\n"
+        + format_tables(rows, memory, targets)
     )
     return Result(
         rows,
         summary,
         {"bench_gradients.png": ft.partial(plot, rows)},
-        extra=dict(memory=memory, targets=targets, wall_s=time.perf_counter() - start),
+        extra=dict(
+            memory=memory,
+            targets=targets,
+            cpu=cpu,
+            wall_s=time.perf_counter() - start,
+        ),
     )
 
 
-TASK = Task("bench-gradients", __doc__, PRESETS, run, METHODS, arguments=add_arguments)
+TASK = Task(
+    "bench-gradients",
+    __doc__,
+    PRESETS,
+    run,
+    METHODS,
+    threads=True,
+    arguments=add_arguments,
+)

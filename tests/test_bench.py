@@ -4,6 +4,8 @@ A benchmark, not a test of speed: its timings are only checked to exist."""
 
 import csv
 import json
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -36,6 +38,11 @@ def test_bench_gradients_smoke(tmp_path):
         lines = list(csv.DictReader(f))
     assert len(lines) == len(rows)
     assert {"regime", "width", "median_ms.gq", "ratios.gq/direct"} <= set(lines[0])
+    # The threads each method ran on and how busy the machine was, in every output.
+    assert {"threads", "load_average.1m", "load_average.15m"} <= set(lines[0])
+    assert written["cpu"]["threads"] == rows[0]["threads"] >= 1
+    assert not written["cpu"]["pinned"]
+    assert "CPU threads: " in summary and "load average (1/5/15 min)" in summary
     assert (tmp_path / "bench_gradients.png").is_file()
     assert written["memory"], "the smoke run compares memory for one regime"
     for row in written["memory"]:
@@ -44,3 +51,24 @@ def test_bench_gradients_smoke(tmp_path):
     statuses = {c["status"] for c in written["targets"]}
     assert statuses <= {"PASS", "FAIL", "SKIP"}
     assert all(f"{c['status']}: {c['name']}" in summary for c in written["targets"])
+
+
+@pytest.mark.slow
+def test_bench_gradients_pinned_to_one_thread(tmp_path):
+    # A process of its own: the pinning must come before JAX starts its backend, and
+    # must not pin the test runner.
+    argv = ["bench-gradients", "--smoke", "--threads", "1", "--regimes", "a"]
+    argv += ["--methods", "direct", "gq", "--no-memory", "--out", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "gqdiffrax_experiments", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads((tmp_path / "results.json").read_text())
+    cpu = written["cpu"]
+    assert cpu["threads"] == 1 and cpu["pinned"]
+    assert "--xla_cpu_multi_thread_eigen=false" in cpu["xla_flags"]
+    assert [r["threads"] for r in written["runs"]] == [1]
+    assert "CPU threads: 1 (pinned with --threads)" in result.stdout

@@ -95,6 +95,7 @@ def test_help_lists_every_task():
         (["bench-gradients", "--smoke", "--methods", "direct"], "include gq"),
         (["ees-stability", "--smoke", "--step-sizes", "0"], "positive number"),
         (["memory", "--smoke", "--full"], "not allowed with argument"),
+        (["bench-gradients", "--smoke", "--threads", "0"], "positive integer"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
