@@ -66,7 +66,9 @@ class Task:
     - `run(args) -> Result`: the experiment; raises `UsageError` for bad input.
     - `methods`: the choices of `--methods` (none: no such option).
     - `training`: whether the task trains models (`--widths`, `--seeds`, `--epochs`,
-        `--batch-size`, `--lr`, `--devices`, `--distributed`, `--no-nfe`).
+        `--batch-size`, `--lr`, `--devices`, `--no-nfe`, `--save-models`, and
+        `--distributed`, `--coordinator`, `--num-processes`, `--process-id` for
+        several processes).
     - `threads`: whether `--threads N` pins the run to N CPU threads (benchmarks).
     - `gq_constant`: whether `--C` sets GQAdjoint's constant, where `gq` is a method.
     - `arguments(parser)`: adds the task's own options.
@@ -150,20 +152,47 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--devices",
         type=positive_int,
-        default=1,
         metavar="N",
-        help="split each batch over the first N devices (default: 1)",
-    )
-    parser.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() first, to run over several hosts",
+        help="split each batch over the first N devices (default: 1; with several "
+        "processes, every device of every process)",
     )
     parser.add_argument(
         "--no-nfe",
         dest="nfe",
         action="store_false",
         help="skip counting vector-field evaluations (saves one compilation per run)",
+    )
+    parser.add_argument(
+        "--save-models",
+        action="store_true",
+        help="write each trained model to DIR/models/METHOD-wWIDTH-seedS.eqx "
+        "(equinox.tree_serialise_leaves)",
+    )
+    hosts = parser.add_argument_group(
+        "several processes or hosts",
+        "Start the same command once per process, each with its own --process-id; "
+        "every process computes its share of each batch (data parallel) and process "
+        "0 writes the files. Any of --coordinator, --num-processes and --process-id "
+        "implies --distributed.",
+    )
+    hosts.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first; without the three options "
+        "below, JAX finds them from the cluster (SLURM, Open MPI, Kubernetes, ...) or "
+        "JAX_COORDINATOR_ADDRESS",
+    )
+    hosts.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="address of process 0, where JAX's coordination service listens",
+    )
+    add_options(hosts, num_processes="number of processes in all")
+    hosts.add_argument(
+        "--process-id",
+        type=int,
+        metavar="I",
+        help="this process's index, 0 to --num-processes minus 1",
     )
 
 
@@ -252,9 +281,31 @@ def parse_args(task: Task, argv: Sequence[str]) -> argparse.Namespace:
             _cpu.pin_threads(args.threads)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if task.training and args.distributed:
-        jax.distributed.initialize()
+    if task.training:
+        _start_distributed(args)
     return args
+
+
+def _start_distributed(args: argparse.Namespace) -> None:
+    """`jax.distributed.initialize` with the options given, when any is."""
+    given = dict(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    args.distributed = args.distributed or any(v is not None for v in given.values())
+    if not args.distributed:
+        return
+    if args.process_id is not None and args.process_id < 0:
+        raise UsageError(f"--process-id must be at least 0, got {args.process_id}")
+    if None not in (args.num_processes, args.process_id):
+        if args.process_id >= args.num_processes:
+            raise UsageError(
+                f"--process-id {args.process_id} must be below --num-processes "
+                f"{args.num_processes}"
+            )
+    # Options left out are found by JAX from the cluster or the environment.
+    jax.distributed.initialize(**{k: v for k, v in given.items() if v is not None})
 
 
 def run_task(task: Task, argv: Sequence[str]) -> Result:
@@ -283,6 +334,7 @@ def environment() -> dict:
         cpu_count=os.cpu_count(),
         cpu_threads=_cpu.cpu_threads(),
         load_average=_cpu.load_average(),
+        num_processes=jax.process_count(),
         python=platform.python_version(),
         platform=platform.platform(),
     )

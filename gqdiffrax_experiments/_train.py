@@ -9,6 +9,8 @@ A task builds its data and model as a `Run`; `run_grid` trains one per grid poin
 import argparse
 import collections
 import dataclasses
+import functools as ft
+import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,11 +37,16 @@ def lr_from_table(table: dict[int, float], width: int) -> float:
 class Devices:
     """A one-axis mesh over the first `n` devices: the batch axis is split over it, the
     parameters are replicated. After `jax.distributed.initialize()` (`--distributed`),
-    `jax.devices()` lists the devices of every host and the same code runs across hosts:
-    each host generates the same data from the seed and places only its own shards."""
+    `jax.devices()` lists the devices of every process and the same code runs in each:
+    every process generates the same data from the seed and places only the shards of
+    its own devices, and the jitted step's mean over the batch is one all-reduce.
 
-    def __init__(self, n: int):
+    `n=None`: one device, or with several processes every device of every process."""
+
+    def __init__(self, n: int | None = None):
         devices = jax.devices()
+        if n is None:
+            n = len(devices) if jax.process_count() > 1 else 1
         if not 1 <= n <= len(devices):
             raise UsageError(
                 f"--devices must be between 1 and {len(devices)} (the devices jax sees "
@@ -76,9 +83,26 @@ class Devices:
 
 
 def place(tree, sharding):
-    """`jax.device_put` for the arrays of a PyTree, leaving everything else alone."""
+    """`jax.device_put` for the arrays of a PyTree, leaving everything else alone.
+
+    With several processes every process passes the same values (the same seed built
+    them), and each places the shards of its own devices."""
     arrays, static = eqx.partition(tree, eqx.is_array)
-    return eqx.combine(jax.device_put(arrays, sharding), static)
+    if sharding.is_fully_addressable:
+        arrays = jax.device_put(arrays, sharding)
+    else:
+        arrays = jtu.tree_map(ft.partial(_put_global, sharding=sharding), arrays)
+    return eqx.combine(arrays, static)
+
+
+def _put_global(x, sharding):
+    # `jax.device_put` refuses an array already on a device of one process (a model's
+    # parameters) for a sharding across processes; going through the host does not.
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_global(jr.key_data(x), sharding)
+        return jr.wrap_key_data(data, impl=jr.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
 
 
 def fetch(x) -> np.ndarray:
@@ -166,6 +190,27 @@ def sharded_loss_and_grad(run: Run, solve: Solve, devices: Devices) -> Callable:
     return loss_and_grad
 
 
+def training_step(
+    run: Run, solve: Solve, devices: Devices, optimizer: optax.GradientTransformation
+) -> Callable:
+    """The jitted step `(model, state, opt_state, samples, shared, key) -> (model,
+    state, opt_state, loss)`: one gradient of the batch split over `devices`, and one
+    update by `optimizer`; the results are replicated."""
+    loss_and_grad = sharded_loss_and_grad(run, solve, devices)
+
+    @eqx.filter_jit
+    @eqx.debug.assert_max_traces(max_traces=1)
+    def step(model, state, opt_state, samples, shared, key):
+        (loss, state), grads = loss_and_grad(model, state, samples, shared, key)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        model = eqx.apply_updates(model, updates)
+        out = eqx.filter_shard((model, state, opt_state), devices.replicated)
+        return out + (loss,)
+
+    return step
+
+
 def train(
     run: Run,
     *,
@@ -176,9 +221,9 @@ def train(
     desc: str,
     eval_solve: Solve | None = None,
     count: bool = True,
-) -> dict:
+) -> tuple[dict, eqx.Module]:
     """Train with Adam, jit-compiled and sharded; return times, metrics, NFE (if
-    `count`) and the loss curve.
+    `count`) and the loss curve, and the trained model (replicated over `devices`).
 
     `train_s` is the wall-clock time of the training steps alone: it excludes
     compilation, the first (warm-up) execution of the compiled step, whose result is
@@ -195,19 +240,9 @@ def train(
     eval_batch = min(run.eval_batch or len(run.test), len(run.test))
     eval_batch = -(-eval_batch // devices.n) * devices.n
     optimizer = optax.adam(run.lr)
-    split, replicated = devices.split, devices.replicated
+    split = devices.split
 
-    loss_and_grad = sharded_loss_and_grad(run, solve, devices)
-
-    @eqx.filter_jit
-    @eqx.debug.assert_max_traces(max_traces=1)
-    def step(model, state, opt_state, samples, shared, key):
-        (loss, state), grads = loss_and_grad(model, state, samples, shared, key)
-        params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        model = eqx.apply_updates(model, updates)
-        out = eqx.filter_shard((model, state, opt_state), replicated)
-        return out + (loss,)
+    step = training_step(run, solve, devices, optimizer)
 
     @eqx.filter_jit
     @eqx.debug.assert_max_traces(max_traces=1)
@@ -294,7 +329,7 @@ def train(
             local(shared_train),
             jr.fold_in(key, 0),
         )
-    return dict(
+    result = dict(
         train_s=train_s,
         s_per_epoch=train_s / epochs,
         compile_s=compile_s,
@@ -304,6 +339,7 @@ def train(
         nfe_backward=nfe_backward,
         curve=curve,
     )
+    return result, model
 
 
 def _progress(iterable, desc):
@@ -334,6 +370,7 @@ def run_grid(
     over `extra(method)`. The same seed gives every method the same data and
     initialisation."""
     devices = Devices(args.devices)
+    args.devices = devices.n  # As used, for results.json.
     configs = extra if callable(extra) else lambda method: extra
     if solve_kwargs is None:
         solve_kwargs = lambda config: dict(C=config.get("C", args.C))
@@ -347,7 +384,7 @@ def run_grid(
                         run.lr = args.lr
                     solve = Solve(method, **solve_kwargs(config))
                     tag = [f"{k}={v}" for k, v in config.items()]
-                    result = train(
+                    result, model = train(
                         run,
                         solve=solve,
                         devices=devices,
@@ -357,6 +394,9 @@ def run_grid(
                         eval_solve=eval_solve(solve, config),
                         count=args.nfe,
                     )
+                    if args.save_models:
+                        name = "-".join([method, f"w{width}", *tag, f"seed{seed}"])
+                        save_model(args.out / "models" / f"{name}.eqx", model)
                     rows.append(
                         dict(
                             method=method,
@@ -369,3 +409,12 @@ def run_grid(
                         )
                     )
     return rows
+
+
+def save_model(path: pathlib.Path, model: eqx.Module) -> None:
+    """`eqx.tree_serialise_leaves` of a replicated model, from process 0 only; read it
+    back with `eqx.tree_deserialise_leaves(path, like)`, `like` a model of the same
+    task, width and seed."""
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        eqx.tree_serialise_leaves(path, local(model))

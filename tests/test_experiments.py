@@ -96,6 +96,10 @@ def test_help_lists_every_task():
         (["ees-stability", "--smoke", "--step-sizes", "0"], "positive number"),
         (["memory", "--smoke", "--full"], "not allowed with argument"),
         (["bench-gradients", "--smoke", "--threads", "0"], "positive integer"),
+        (
+            ["nested-spheres", "--smoke", "--num-processes", "2", "--process-id", "2"],
+            "must be below --num-processes",
+        ),
     ],
 )
 def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
