@@ -11,6 +11,7 @@ from . import (
     demo,
     ees_stability,
     exponential,
+    gpu_suite,
     images,
     memory,
     nested_spheres,
@@ -35,6 +36,7 @@ TASKS = {
         c_ablation,
         ees_stability,
         bench_gradients,
+        gpu_suite,
         accuracy,
     )
 }

@@ -52,6 +52,9 @@ class Result:
     summary: str
     figures: Mapping[str, Figure] = dataclasses.field(default_factory=dict)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # More CSV files, `NAME.csv` from `tables[NAME]` (one dict per line), for tasks
+    # whose rows make several tables.
+    tables: Mapping[str, list[dict]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,6 +422,8 @@ def write_outputs(args: argparse.Namespace, result: Result) -> pathlib.Path:
     )
     (out / "results.json").write_text(json.dumps(_jsonable(payload), indent=1))
     _write_csv(out / "runs.csv", [_flat(row) for row in result.rows])
+    for name, rows in result.tables.items():
+        _write_csv(out / f"{name}.csv", [_flat(row) for row in rows])
     # One line per epoch of every training run, labelled by what identifies the run.
     results = {*TRAINING_COLUMNS, "final_test_loss"}
     curves = [

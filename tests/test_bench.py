@@ -72,3 +72,46 @@ def test_bench_gradients_pinned_to_one_thread(tmp_path):
     assert "--xla_cpu_multi_thread_eigen=false" in cpu["xla_flags"]
     assert [r["threads"] for r in written["runs"]] == [1]
     assert "CPU threads: 1 (pinned with --threads)" in result.stdout
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke(tmp_path):
+    # The GPU suite's code path at toy size on the CPU; on a GPU its default size is
+    # the benchmark.
+    with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+        assert cli.main(["gpu-suite", "--smoke", "--out", str(tmp_path)]) == 0
+
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["not_run"] == []
+    tables = {}
+    for name in ("gradients", "crossover"):
+        with open(tmp_path / f"{name}.csv") as f:
+            tables[name] = list(csv.DictReader(f))
+    assert [(r["regime"], r["width"]) for r in tables["gradients"]] == [("a", "8")]
+    assert [r["batch_size"] for r in tables["crossover"]] == ["4"]
+    for name, columns in {
+        "gradients": ["regime", "width", "num_params", "nfe_forward"],
+        "crossover": ["batch_size", "width"],
+    }.items():
+        columns += ["median_ms.direct", "median_ms.gq", "ratio.gq/direct"]
+        columns += [
+            "compile_s.direct",
+            "compile_s.gq",
+            "temp_mib.direct",
+            "temp_mib.gq",
+        ]
+        assert set(columns) <= set(tables[name][0]), name
+        for row in tables[name]:
+            assert float(row["median_ms.gq"]) > 0 and float(row["ratio.gq/direct"]) > 0
+    # Both methods differentiate the same solve.
+    assert float(tables["gradients"][0]["grad_rel_err_vs_direct.gq"]) < 1e-3
+    summary = (tmp_path / "summary.md").read_text()
+    assert (
+        "| regime | width | params | NFE | direct ms | gq ms | gq/direct | "
+        "gq grad rel err | compile s (direct/gq) | temp MiB (direct/gq) |"
+    ) in summary
+    assert (
+        "| batch | width | direct ms/step | gq ms/step | gq/direct | "
+        "compile s (direct/gq) | temp MiB (direct/gq) |"
+    ) in summary
+    assert "CPU threads: " in summary
