@@ -27,6 +27,12 @@ measurements):
   (`_quadrature.tolerance_nodes`, or the paper's `num_nodes` when `C` is given).
   Splitting at `jump_ts` keeps every Gauss rule on a piece where the integrand is
   smooth.
+- **Controlled differential equations.** A `ControlTerm` (or its `to_ode()`) is
+  solved forwards as the user wrote it and backwards as its ODE, $f \cdot dX/dt$. The
+  knots of its interpolated control (and of interpolations in `args`) are split times:
+  $dX/dt$ jumps (linear) or kinks (cubic) there, and a Gauss rule spanning a knot
+  loses its order. Steps concentrate at the knots, so the default is then
+  `quadrature="step"`.
 - **Time gradients.** $dL/dt_k = (\partial L/\partial y(t_k))^\top f(t_k, y(t_k))$ for
   every saved time and $dL/dt_0 = -a_z(t_0)^\top f(t_0, y_0)$.
 
@@ -53,7 +59,8 @@ from ._adjoint_common import (
     t0_cotangent,
 )
 from ._diffrax_internals import only_transpose_ys, WrapTerm
-from ._gq_support import check_supported, jump_times
+from ._events import as_event, event_conditions, event_cotangents
+from ._gq_support import check_supported, jump_times, knot_times, knotted_paths
 from ._quadrature import (
     gauss_legendre,
     interval_rule,
@@ -112,6 +119,14 @@ class GQAdjoint(dfx.AbstractAdjoint):
     (`Euler`, `Heun`, `Midpoint`, `Ralston`, `Bosh3`, `Tsit5`, `Dopri5`, `Dopri8`, ...),
     `jax.jit`, `jax.vmap` and float32/float64. Everything else is refused when traced,
     with an error that names an alternative.
+
+    Neural controlled differential equations: `diffrax.ControlTerm(f, X).to_ode()`
+    with `X` a [`diffrax.LinearInterpolation`][] or [`diffrax.CubicInterpolation`][]
+    (or such an interpolation passed in `args` and read by the vector field), and
+    `diffrax.ControlTerm(f, X)` itself for a linear `X` with `jump_ts=X.ts`. The
+    control's knots are split times (the forward pass saves the state there and no
+    Gauss rule spans one), and the interpolated data get gradients like any other
+    parameter; the knot times themselves do not (refused when differentiated).
 
     !!! warning
 
@@ -225,15 +240,39 @@ class GQAdjoint(dfx.AbstractAdjoint):
         check_supported(terms, solver, stepsize_controller, event, saveat, args)
         del passed_solver_state, passed_controller_state
         direction = terms.direction
-        ode_term = terms.term
         y0 = init_state.y
 
         # Turn parameters closed over by the vector field (a lambda's captured arrays,
         # an eqx.Module's fields) into explicit leaves, so that they are inputs of the
         # custom VJP rather than closed-over tracers it cannot differentiate.
         t = (t0 * direction).astype(t0.dtype)
-        vf = closure_convert_terms(ode_term, t, y0, args).vector_field
+        term = closure_convert_terms(terms.term, t, y0, args)
+        if isinstance(term, dfx.ControlTerm):
+            knots = term.control.ts * direction
+            y0 = _knots_are_jumps(y0, knots, stepsize_controller, t0, t1)
         ts = saveat.subs.ts
+        conds = None
+        if event is not None:
+            if self.checkpoints:
+                raise NotImplementedError(
+                    "`GQAdjoint(checkpoints=...)` does not support events yet: "
+                    "checkpoints are placed before the event time is known. Drop "
+                    "`checkpoints`, or use `diffrax.RecursiveCheckpointAdjoint()`."
+                )
+            conds = event_conditions(
+                event,
+                y0,
+                args,
+                terms=terms,
+                solver=solver,
+                t0=t0,
+                t1=t1,
+                dt0=dt0,
+                saveat=saveat,
+                stepsize_controller=stepsize_controller,
+                max_steps=max_steps,
+            )
+            event = (event.root_finder, event.direction)
 
         # `eqx.filter_custom_vjp` differentiates only `diff`; a keyword argument that
         # carries a JVP tracer is an error. Some of these do depend on differentiated
@@ -248,9 +287,10 @@ class GQAdjoint(dfx.AbstractAdjoint):
                 stepsize_controller=stepsize_controller,
                 dt0=dt0,
                 direction=direction,
+                event=event,
             )
         )
-        diff = (y0, args, vf, t0, t1, ts)
+        diff = (y0, args, term, t0, t1, ts, conds)
         final_state, aux_stats = _gq_loop(
             diff,
             self=self,
@@ -261,7 +301,11 @@ class GQAdjoint(dfx.AbstractAdjoint):
             progress_meter=progress_meter,
             **data,
         )
-        return only_transpose_ys(final_state), aux_stats
+        out = only_transpose_ys(final_state)
+        if conds is not None:
+            # The event time is an output: its gradient is part of the adjoint's.
+            out = eqx.tree_at(lambda s: s.save_state.ts, out, final_state.save_state.ts)
+        return out, aux_stats
 
 
 GQAdjoint.__init__.__doc__ = r"""**Arguments:**
@@ -276,9 +320,10 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
     solve, read off its dense output, so the backward solve's step-size control also
     controls the quadrature: slower (one vector-Jacobian product per node per step),
     but accurate to the tolerance on vector fields with kinks, such as ReLU networks.
-    `None` (the default) is `"step"` when the step-size controller has `jump_ts` (the
-    solver restarts its step size at every jump, so the forward steps are far from
-    evenly spread, which the node rule assumes) and `"interval"` otherwise.
+    `None` (the default) is `"step"` when the step-size controller has `jump_ts` or
+    the term has a control with knots (the solver restarts or shrinks its step at
+    every jump or kink, so the forward steps are far from evenly spread, which the
+    node rule assumes) and `"interval"` otherwise.
 - `checkpoints`: how many forward states to keep, at evenly spaced times. The backward
     pass resets $z$ to them, so errors of the backward re-solve of $z$ (which grow like
     $e^{\lambda t}$ on dynamics contracting at rate $\lambda$) grow only between
@@ -292,6 +337,22 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
     follow the largest $n_k$ in the batch (the other samples' extra nodes have weight
     zero), so per-sample solves share one schedule instead of running every piece.
 """
+
+
+def _knots_are_jumps(y0, knots, stepsize_controller, t0, t1):
+    """Raise at run time unless every knot of a `ControlTerm`'s control inside the
+    solve is one of the controller's `jump_ts`, so that no step crosses one. All in
+    diffrax's normalised time (`t0 < t1`), as the controller's `jump_ts` are."""
+    jump_ts = stepsize_controller.jump_ts
+    knots = knots.astype(jump_ts.dtype)
+    missing = (knots > t0) & (knots < t1) & ~jnp.isin(knots, jump_ts)
+    return eqx.error_if(
+        y0,
+        jnp.any(missing),
+        "`adjoint=gqdiffrax.GQAdjoint()` with a `diffrax.ControlTerm` needs every "
+        "knot of the control inside the solve among the controller's `jump_ts`: "
+        "pass `jump_ts=control.ts`, or use `diffrax.ControlTerm(f, control).to_ode()`.",
+    )
 
 
 def _forward_nfe(solver, num_steps):
@@ -356,11 +417,14 @@ class _BackwardController(dfx.AbstractStepSizeController):
         )
 
 
-def _wrapped_vf(vf, direction):
-    """The vector field in diffrax's normalised time $s = \\mathrm{direction} \\cdot t$,
-    in which every solve runs forwards: $dy/ds = \\mathrm{direction} \\cdot
-    f(\\mathrm{direction} \\cdot s, y)$."""
-    term = WrapTerm(dfx.ODETerm(vf), direction)
+def _wrapped_vf(term, direction):
+    """The vector field of `term` as an ODE (a `ControlTerm` through `to_ode()`: its
+    field times the control's derivative), in diffrax's normalised time
+    $s = \\mathrm{direction} \\cdot t$, in which every solve runs forwards:
+    $dy/ds = \\mathrm{direction} \\cdot f(\\mathrm{direction} \\cdot s, y)$."""
+    if isinstance(term, dfx.ControlTerm):
+        term = term.to_ode()
+    term = WrapTerm(term, direction)
 
     def f(t, y, args):
         out = term.vf(t, y, args)
@@ -369,9 +433,10 @@ def _wrapped_vf(vf, direction):
     return f
 
 
-def _split_times(t0, t1, ts, subs, stepsize_controller, checkpoints):
-    """The split times: the controller's `jump_ts` and `checkpoints` evenly spaced
-    times, inside the span the backward pass covers (up to the last save time)."""
+def _split_times(t0, t1, ts, subs, stepsize_controller, checkpoints, knots):
+    """The split times: the controller's `jump_ts`, the control's `knots` and
+    `checkpoints` evenly spaced times, inside the span the backward pass covers (up to
+    the last save time)."""
     if subs.t1:
         t_end = t1
     elif ts is not None and ts.shape[0] > 0:
@@ -379,9 +444,9 @@ def _split_times(t0, t1, ts, subs, stepsize_controller, checkpoints):
     else:
         return None
     pieces = []
-    jump_ts = jump_times(stepsize_controller)
-    if jump_ts is not None:
-        pieces.append(jnp.clip(jump_ts.astype(t0.dtype), t0, t_end))
+    for jumps in (jump_times(stepsize_controller), knots):
+        if jumps is not None:
+            pieces.append(jnp.clip(jumps.astype(t0.dtype), t0, t_end))
     if checkpoints > 0:
         frac = jnp.arange(1, checkpoints + 1, dtype=t0.dtype) / (checkpoints + 1)
         pieces.append(t0 + (t_end - t0) * frac)
@@ -424,14 +489,17 @@ def _forward(
     throw,
     init_state,
     direction,
+    event,
     progress_meter,
 ):
     """The forward solve: the final state as the user sees it, its statistics, and
-    the states at every save and split time (the residuals of the backward pass)."""
+    the save state at every save and split time (the residuals of the backward
+    pass)."""
     del throw, order
-    y0, args, vf, t0, t1, ts = diff
+    y0, args, term, t0, t1, ts, conds = diff
     subs = saveat.subs
-    extra = _split_times(t0, t1, ts, subs, stepsize_controller, self.checkpoints)
+    knots = knot_times(term, args)
+    extra = _split_times(t0, t1, ts, subs, stepsize_controller, self.checkpoints, knots)
     fwd_ts, user_pos = _merge(ts, extra)
     init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
     if extra is not None:
@@ -450,10 +518,10 @@ def _forward(
     final_state, aux_stats = lax_loop(
         self._loop,
         args=args,
-        terms=WrapTerm(dfx.ODETerm(vf), direction),
+        terms=WrapTerm(term, direction),
         solver=solver,
         stepsize_controller=stepsize_controller,
-        event=None,
+        event=None if conds is None else as_event(conds, *event),
         saveat=saveat,
         t0=t0,
         t1=t1,
@@ -465,7 +533,7 @@ def _forward(
     nfe = _forward_nfe(solver, final_state.num_steps)
     aux_stats = {**aux_stats, "num_fevals": nfe}
     if extra is None:
-        return final_state, aux_stats, final_state.save_state.ys
+        return final_state, aux_stats, final_state.save_state
     # Hand back only the outputs the user asked for; the split times' states stay in
     # the residuals.
     save_state = final_state.save_state
@@ -482,7 +550,7 @@ def _forward(
         ),
     )
     final_state = eqx.tree_at(lambda s: s.save_state, final_state, user_save_state)
-    return final_state, aux_stats, save_state.ys
+    return final_state, aux_stats, save_state
 
 
 @eqx.filter_custom_vjp
@@ -493,10 +561,39 @@ def _gq_loop(diff, **kwargs):
 
 @_gq_loop.def_fwd
 def _gq_loop_fwd(perturbed, diff, **kwargs):
-    del perturbed
-    final_state, aux_stats, all_ys = _forward(diff, **kwargs)
-    residuals = (all_ys, aux_stats["num_fevals"], final_state.num_steps)
+    _check_perturbed(perturbed)
+    final_state, aux_stats, save_state = _forward(diff, **kwargs)
+    residuals = (
+        save_state.ys,
+        save_state.ts,
+        final_state.event_mask,
+        aux_stats["num_fevals"],
+        final_state.num_steps,
+    )
     return (final_state, aux_stats), residuals
+
+
+def _check_perturbed(perturbed):
+    """Refuse, when the gradient is traced, the derivatives GQAdjoint does not compute:
+    with respect to an interpolation's knot times, and (with knots) to the solve's
+    times, whose outputs have kinks there."""
+    _, p_args, p_term, p_t0, p_t1, p_ts, _ = perturbed
+    paths = knotted_paths(p_term, p_args)
+    if any(any(jtu.tree_leaves(p.ts)) for p in paths):
+        raise ValueError(
+            "`adjoint=gqdiffrax.GQAdjoint()` does not differentiate with respect to "
+            "an interpolation's knot times `ts` (the quadrature is split at them). "
+            "Build the interpolation from `jax.lax.stop_gradient(ts)`, or use "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for that gradient."
+        )
+    if paths and any(jtu.tree_leaves((p_t0, p_t1, p_ts))):
+        raise ValueError(
+            "`adjoint=gqdiffrax.GQAdjoint()` does not differentiate a controlled "
+            "differential equation with respect to `t0`, `t1` or `SaveAt(ts=...)`: "
+            "the solution has kinks at the control's knots. Pass the times through "
+            "`jax.lax.stop_gradient`, or use "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for those gradients."
+        )
 
 
 def _tree_dot(a, b):
@@ -541,21 +638,23 @@ def _gq_loop_bwd(
     throw,
     init_state,
     direction,
+    event,
     progress_meter,
 ):
-    del init_state, progress_meter
+    del init_state, progress_meter, event
     self = typing.cast(GQAdjoint, self)
-    ys, nfe, num_steps = residuals
-    y0, args, vf, t0, t1, ts = diff
-    p_y0, p_args, p_vf, p_t0, p_t1, p_ts = perturbed
+    ys, saved_ts, event_mask, nfe, num_steps = residuals
+    y0, args, term, t0, t1, ts, conds = diff
+    p_y0, p_args, p_term, p_t0, p_t1, p_ts, p_conds = perturbed
     del p_y0
-    f = _wrapped_vf(vf, direction)
+    f = _wrapped_vf(term, direction)
     subs = saveat.subs
 
     # The forward's save and split times after t0, in order, with their states and
     # cotangents; a split time's cotangent is zero. A `SaveAt(t0=True)` output is y0
     # itself: its cotangent goes straight to y0.
-    extra = _split_times(t0, t1, ts, subs, stepsize_controller, self.checkpoints)
+    knots = knot_times(term, args)
+    extra = _split_times(t0, t1, ts, subs, stepsize_controller, self.checkpoints, knots)
     fwd_ts, user_pos = _merge(ts, extra)
     num_ts = 0 if ts is None else ts.shape[0]
     num_fwd_ts = 0 if fwd_ts is None else fwd_ts.shape[0]
@@ -566,17 +665,30 @@ def _gq_loop_bwd(
         lambda y, g: jnp.zeros_like(y).at[rows].set(g), ys, grad_user
     )
     offset = 1 if subs.t0 else 0
+    # With an event, the solve (and its `t1` row) ends at the event time.
+    t_end = t1 if conds is None else saved_ts[-1]
     times = jnp.concatenate(
         [t0[None]]
         + ([] if fwd_ts is None else [fwd_ts])
-        + ([t1[None]] if subs.t1 else [])
+        + ([t_end[None]] if subs.t1 else [])
     )
     y_after = jtu.tree_map(lambda x: x[offset:], ys)
     g_after = jtu.tree_map(lambda x: x[offset:], grad_ys)
     grad_y0_saved = t0_cotangent(saveat, grad_ys, y0)
+    if conds is not None:
+        # The event time's dependence on the parameters: a different terminal
+        # adjoint, and direct terms (`_events`).
+        g_ts = grad_out[0].save_state.ts
+        g_t = jnp.zeros((), t0.dtype) if g_ts is None else g_ts[-1]
+        g_y = jtu.tree_map(lambda x: x[-1], g_after)
+        y_e = jtu.tree_map(lambda x: x[-1], y_after)
+        a_e, event_args, grad_conds, triggered = event_cotangents(
+            conds, p_conds, args, p_args, event_mask, f, t_end, y_e, g_y, g_t
+        )
+        g_after = jtu.tree_map(lambda g, a: g.at[-1].set(a), g_after, a_e)
 
     # theta: the inputs whose gradient is the quadrature integral.
-    theta, theta_static = eqx.partition((args, vf), (p_args, p_vf))
+    theta, theta_static = eqx.partition((args, term), (p_args, p_term))
     want_theta = len(jtu.tree_leaves(theta)) > 0
 
     def aug_vf(t, state, _):
@@ -588,19 +700,19 @@ def _gq_loop_bwd(
     adaptive = isinstance(stepsize_controller, dfx.AbstractAdaptiveStepSizeController)
     controller = _BackwardController(stepsize_controller)
     if adaptive:
-        first_dt = (t1 - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
+        first_dt = (t_end - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
     else:
         first_dt = dt0
     lengths = times[1:] - times[:-1]
     counts = num_nodes(
-        _PAPER_C if self.C is None else self.C, nfe, lengths, t1 - t0, self.max_nodes
+        _PAPER_C if self.C is None else self.C, nfe, lengths, t_end - t0, self.max_nodes
     )
     if self.C is None:
         rtol = stepsize_controller.rtol if adaptive else None
         by_tolerance = tolerance_nodes(
             num_steps,
             lengths,
-            t1 - t0,
+            t_end - t0,
             order=order,
             rtol=rtol,
             max_nodes=self.max_nodes,
@@ -610,15 +722,15 @@ def _gq_loop_bwd(
     theta_arrays, theta_rest = eqx.partition(theta_static, eqx.is_array)
 
     def f_theta(theta_, arrays, direction_, t, z):
-        args_, vf_ = eqx.combine(theta_, arrays, theta_rest)
-        return _wrapped_vf(vf_, direction_)(t, z, args_)
+        args_, term_ = eqx.combine(theta_, arrays, theta_rest)
+        return _wrapped_vf(term_, direction_)(t, z, args_)
 
     # Every piece ends at or before row n <= max_nodes: the rows need no padding.
     node_sum = make_node_sum(f_theta, min(self.node_chunk, self.max_nodes))
 
     quadrature = self.quadrature
     if quadrature is None:
-        has_jumps = jump_times(stepsize_controller) is not None
+        has_jumps = jump_times(stepsize_controller) is not None or knots is not None
         quadrature = "step" if has_jumps and self.C is None else "interval"
     per_step = want_theta and quadrature == "step"
     if per_step:
@@ -717,8 +829,12 @@ def _gq_loop_bwd(
     a_t0, _, theta_sum, failed, need = carry
 
     grad_y0 = jtu.tree_map(jnp.add, a_t0, grad_y0_saved)
-    # With nothing to integrate, `theta_sum` is the (args, vf) tree of `None`s.
-    grad_args, grad_vf = theta_sum
+    # With nothing to integrate, `theta_sum` is the (args, term) tree of `None`s.
+    grad_args, grad_term = theta_sum
+    if conds is None:
+        grad_conds = None
+    else:
+        grad_args = jtu.tree_map(jnp.add, grad_args, event_args)
 
     # Time gradients: moving a save time moves its output along the trajectory;
     # moving t0 shifts the whole solution.
@@ -731,12 +847,16 @@ def _gq_loop_bwd(
         if ts is not None and p_ts:
             pos = jnp.arange(num_ts) if user_pos is None else user_pos
             grad_ts = per_time[pos]
-        if subs.t1 and p_t1:
+        if subs.t1 and p_t1 and conds is not None:
+            # An event time does not move with t1; a solve that reached t1 does.
+            moved = _tree_dot(g_y, f(t_end, y_e, args)) + g_t
+            grad_t1 = jnp.where(triggered, 0, moved).astype(t0.dtype)
+        elif subs.t1 and p_t1:
             grad_t1 = per_time[-1]
         elif p_t1:
             grad_t1 = jnp.zeros_like(t1)
 
-    grads = (grad_y0, grad_args, grad_vf, grad_t0, grad_t1, grad_ts)
+    grads = (grad_y0, grad_args, grad_term, grad_t0, grad_t1, grad_ts, grad_conds)
     if throw:
         return _max_steps_error(grads, failed, need, max_steps)
     # With `throw=False` a failed backward solve cannot raise; make its gradient

@@ -15,7 +15,12 @@ import jax.tree_util as jtu
 from diffrax import AbstractSolver, ControlTerm, ODETerm, SaveAt, SubSaveAt
 from jaxtyping import Array, PyTree
 
-from ._diffrax_internals import lax_while_loop, nondifferentiable, save_y
+from ._diffrax_internals import (
+    ControlToODE,
+    lax_while_loop,
+    nondifferentiable,
+    save_y,
+)
 
 
 def check_saveat(saveat: SaveAt, name: str) -> None:
@@ -62,7 +67,8 @@ def check_saveat(saveat: SaveAt, name: str) -> None:
 
 
 def closure_convert_terms(terms: PyTree, t: Any, y: PyTree, args: PyTree) -> PyTree:
-    """Closure-convert the vector field of every `ODETerm` and `ControlTerm` in `terms`.
+    """Closure-convert the vector field of every `ODETerm` and `ControlTerm` in `terms`
+    (for the `ODETerm` of `ControlTerm.to_ode()`, the control term's field).
 
     `filter_custom_vjp` only differentiates its explicit inputs. Closure conversion
     hoists what a vector field closes over (the arrays captured by a lambda or a plain
@@ -77,10 +83,15 @@ def closure_convert_terms(terms: PyTree, t: Any, y: PyTree, args: PyTree) -> PyT
     is_term = lambda x: isinstance(x, (ODETerm, ControlTerm))
 
     def convert(term):
-        if is_term(term):
-            vector_field = eqx.filter_closure_convert(term.vector_field, t, y, args)
-            return eqx.tree_at(lambda x: x.vector_field, term, vector_field)
-        return term
+        if not is_term(term):
+            return term
+        if isinstance(term.vector_field, ControlToODE):
+            # `ControlTerm.to_ode()`: convert the control term inside, so that the
+            # control stays a `diffrax.AbstractPath` whose knots the adjoint can read.
+            where = lambda x: x.vector_field.control_term
+            return eqx.tree_at(where, term, convert(where(term)))
+        vector_field = eqx.filter_closure_convert(term.vector_field, t, y, args)
+        return eqx.tree_at(lambda x: x.vector_field, term, vector_field)
 
     return jtu.tree_map(convert, terms, is_leaf=is_term)
 

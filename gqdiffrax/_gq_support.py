@@ -4,6 +4,7 @@ refused when traced, with an error that names an alternative."""
 from typing import Any
 
 import diffrax as dfx
+import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from ._adjoint_common import check_saveat
@@ -39,6 +40,41 @@ def _is_smooth_path(path: dfx.AbstractPath) -> bool:
     return isinstance(path, WienerSurrogate)
 
 
+# Paths whose derivative is smooth between knots `path.ts`, which GQAdjoint finds and
+# splits its quadrature at.
+_KNOTTED = (dfx.LinearInterpolation, dfx.CubicInterpolation)
+
+
+def control_of(term) -> dfx.AbstractPath | None:
+    """The control of a controlled differential equation's term: of
+    `ControlTerm(f, control)` or of its `to_ode()`; `None` for any other term."""
+    if isinstance(term, dfx.ODETerm) and isinstance(term.vector_field, ControlToODE):
+        term = term.vector_field.control_term
+    return term.control if isinstance(term, dfx.ControlTerm) else None
+
+
+def _field_of(term):
+    """The user's vector field inside a term (inside a control term for `to_ode()`)."""
+    if isinstance(term, dfx.ODETerm) and isinstance(term.vector_field, ControlToODE):
+        term = term.vector_field.control_term
+    return term.vector_field
+
+
+def knotted_paths(term, args) -> list:
+    """The interpolations whose knots split GQAdjoint's quadrature: the control of a
+    CDE term, and those that are leaves of `args`. Works on a tree of `perturbed`
+    flags of the same structure too."""
+    paths = [control_of(term)]
+    paths += [x for x in jtu.tree_leaves(args, is_leaf=_is_path) if _is_path(x)]
+    return [p for p in paths if isinstance(p, _KNOTTED)]
+
+
+def knot_times(term, args) -> Any:
+    """Every knot of `knotted_paths(term, args)`, or `None` when there are none."""
+    paths = knotted_paths(term, args)
+    return jnp.concatenate([jnp.ravel(p.ts) for p in paths]) if paths else None
+
+
 def _paths_in(x: Any, depth: int = 2) -> list:
     """The `diffrax.AbstractPath`s in a pytree, and in the closures of the functions in
     it (`depth` levels deep): where a vector field can hide a control."""
@@ -61,6 +97,34 @@ def _paths_in(x: Any, depth: int = 2) -> list:
     return found
 
 
+def _check_control_term(control, stepsize_controller) -> None:
+    """A `ControlTerm` (not its `to_ode()`): an ODE solver steps it with one control
+    increment per step, a discretisation the step-size controller cannot see.
+    GQAdjoint's gradient is that of the exact CDE, so it accepts only the case where
+    that discretisation is exact: a linear interpolation, stepped between its knots."""
+    to_ode = (
+        "Use `diffrax.ControlTerm(f, control).to_ode()`, which an ODE solver "
+        "evaluates at each stage's time, as diffrax's neural CDE example does."
+    )
+    if not isinstance(control, dfx.LinearInterpolation):
+        raise ValueError(
+            f"{_NAME} supports a `diffrax.ControlTerm` only with a "
+            "`diffrax.LinearInterpolation` control; got a "
+            f"`{type(control).__name__}`. An ODE solver steps a `ControlTerm` with "
+            "one increment of the control per step, which for a curved control is "
+            "a first-order method whatever the tolerance, while GQAdjoint gives the "
+            f"gradient of the exact equation. {to_ode}"
+        )
+    if jump_times(stepsize_controller) is None:
+        raise ValueError(
+            f"{_NAME} with a `diffrax.ControlTerm` needs the control's knots as "
+            "jump times: `stepsize_controller=diffrax.PIDController(rtol=..., "
+            "atol=..., jump_ts=control.ts)`. A step across a knot uses one "
+            "increment of the control for both of its slopes, an error the "
+            f"step-size controller cannot see. {to_ode}"
+        )
+
+
 def check_supported(terms, solver, stepsize_controller, event, saveat, args) -> None:
     """Raise at trace time, with the fix, for everything GQAdjoint has not verified."""
     if jtu.tree_structure(solver.term_structure) != jtu.tree_structure(0):
@@ -79,42 +143,66 @@ def check_supported(terms, solver, stepsize_controller, event, saveat, args) -> 
             "trained drift and diffusion with an SDE solver (see "
             "`gqdiffrax.sde_terms`)."
         )
-    cde = (
-        f"{_NAME} does not support controlled differential equations yet: a "
-        "control's knots make the quadrature's integrand non-smooth, and its gradient "
-        "is not verified. Use `adjoint=diffrax.RecursiveCheckpointAdjoint()` (or "
-        "`diffrax.BacksolveAdjoint()`) for a neural CDE."
+    # A plain `ODETerm`, a plain `ControlTerm`, or the `to_ode()` of a plain one: a
+    # subclass may change how the vector field is evaluated.
+    core = (
+        inner.vector_field.control_term
+        if type(inner) is dfx.ODETerm and isinstance(inner.vector_field, ControlToODE)
+        else inner
     )
-    if isinstance(inner, dfx.ControlTerm) or (
-        type(inner) is dfx.ODETerm and isinstance(inner.vector_field, ControlToODE)
-    ):
-        raise ValueError(cde)
-    if type(inner) is not dfx.ODETerm:
+    if type(core) not in (dfx.ODETerm, dfx.ControlTerm):
+        base = next(
+            (b for b in (dfx.ODETerm, dfx.ControlTerm) if isinstance(core, b)), None
+        )
         kind = (
-            f"a subclass of `diffrax.ODETerm` (`{type(inner).__name__}`), which may "
-            "change how the vector field is evaluated"
-            if isinstance(inner, dfx.ODETerm)
-            else f"`{type(inner).__name__}`"
+            f"`{type(core).__name__}`"
+            if base is None
+            else f"a subclass of `diffrax.{base.__name__}` (`{type(core).__name__}`), "
+            "which may change how the vector field is evaluated"
         )
         raise ValueError(
-            f"{_NAME} supports a single `diffrax.ODETerm`; got {kind}. Pass "
+            f"{_NAME} supports a single `diffrax.ODETerm`, or a `diffrax.ControlTerm` "
+            f"(or its `to_ode()`) with a differentiable control; got {kind}. Pass "
             "`diffrax.ODETerm(f)` with your vector field `f(t, y, args)`, or use "
             "`adjoint=diffrax.RecursiveCheckpointAdjoint()` for other terms."
         )
-    rough = [p for p in _paths_in((inner.vector_field, args)) if not _is_smooth_path(p)]
+    control = control_of(inner)
+    if isinstance(inner, dfx.ControlTerm):
+        _check_control_term(inner.control, stepsize_controller)
+    knotted = knotted_paths(inner, args)
+    rough = [
+        p
+        for p in _paths_in((_field_of(inner), args)) + [control]
+        if p is not None and not _is_smooth_path(p) and not any(p is q for q in knotted)
+    ]
     if rough and jump_times(stepsize_controller) is None:
+        where = "control" if rough[0] is control else "vector field"
         raise ValueError(
-            f"{_NAME}: the vector field uses a `{type(rough[0]).__name__}`, whose "
-            "derivative is not smooth at its knots, and a Gauss–Legendre rule that "
-            "spans a knot gives a wrong gradient. Tell diffrax where the knots are: "
+            f"{_NAME}: the {where} uses a `{type(rough[0]).__name__}`, whose "
+            "derivative may not be smooth, and a Gauss–Legendre rule that spans a "
+            "kink gives a wrong gradient. GQAdjoint finds the knots of a "
+            "`diffrax.LinearInterpolation` or `CubicInterpolation` that is the "
+            "control of a `ControlTerm` (or its `to_ode()`) or a leaf of `args`; "
+            "pass the control that way, or tell diffrax where the kinks are: "
             "`stepsize_controller=diffrax.PIDController(rtol=..., atol=..., "
             "jump_ts=control.ts)`; GQAdjoint then splits its quadrature there."
         )
     if event is not None:
-        raise NotImplementedError(
-            f"{_NAME} does not support events. Solve up to a fixed `t1`, or use "
-            "`diffrax.RecursiveCheckpointAdjoint()` to differentiate through an event."
-        )
+        subs = saveat.subs
+        split = jump_times(stepsize_controller) is not None or knotted
+        if getattr(subs, "ts", None) is not None or not getattr(subs, "t1", True):
+            raise NotImplementedError(
+                f"{_NAME} with an event supports `SaveAt(t1=True)` (the state at the "
+                "event), with or without `t0=True`; save times `ts` past an event "
+                "are not supported. Save the trajectory with a second solve up to "
+                "the event time, or use `diffrax.RecursiveCheckpointAdjoint()`."
+            )
+        if split:
+            raise NotImplementedError(
+                f"{_NAME} does not support an event together with `jump_ts` or an "
+                "interpolated control yet. Use "
+                "`diffrax.RecursiveCheckpointAdjoint()` for that combination."
+            )
     check_saveat(saveat, "gqdiffrax.GQAdjoint()")
     if not (_is_explicit_rk(solver) or isinstance(solver, dfx.Euler)):
         raise NotImplementedError(

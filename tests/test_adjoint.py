@@ -438,18 +438,6 @@ def test_error_sde_terms_point_to_wong_zakai(getkey):
         )
 
 
-def test_error_cde_terms():
-    control = dfx.LinearInterpolation(jnp.linspace(0, 1, 5), jnp.ones((5, 2)))
-    terms = dfx.ControlTerm(lambda t, y, args: jnp.eye(2), control)
-    with pytest.raises(ValueError, match="controlled differential equations"):
-        _solve(
-            terms,
-            solver=dfx.Heun(),
-            dt0=0.1,
-            stepsize_controller=dfx.ConstantStepSize(),
-        )
-
-
 _control = dfx.CubicInterpolation(
     jnp.linspace(0, 1, 6),
     dfx.backward_hermite_coefficients(jnp.linspace(0, 1, 6), jnp.ones((6, 2))),
@@ -468,13 +456,14 @@ class _ControlField(eqx.Module):
 
 
 # Every way a term that is not a plain `ODETerm` (or whose field hides a non-smooth
-# control) can reach the adjoint. `to_ode()` gave silently wrong gradients before.
+# control) can reach the adjoint. `to_ode()` gave silently wrong gradients before it
+# was supported (tests/test_cde.py).
 @pytest.mark.parametrize(
     "terms, match",
     [
         (
-            dfx.ControlTerm(lambda t, y, args: -jnp.diag(y), _control).to_ode(),
-            "controlled differential equations",
+            dfx.ControlTerm(lambda t, y, args: -jnp.diag(y), _control),
+            r"to_ode\(\)",
         ),
         (_MyODETerm(lambda t, y, args: -y), "subclass of `diffrax.ODETerm`"),
         (dfx.MultiTerm(_ode, _ode), "single `diffrax.ODETerm`"),
@@ -484,17 +473,11 @@ class _ControlField(eqx.Module):
             "jump_ts=control.ts",
         ),
     ],
-    ids=["to_ode", "subclass", "multiterm", "module-path", "closure-path"],
+    ids=["control-term", "subclass", "multiterm", "module-path", "closure-path"],
 )
 def test_error_unverified_terms(terms, match):
     with pytest.raises(ValueError, match=match):
         _solve(terms)
-
-
-def test_error_path_in_args():
-    term = dfx.ODETerm(lambda t, y, args: -y * args.derivative(t))
-    with pytest.raises(ValueError, match="jump_ts"):
-        _solve(term, args=_control)
 
 
 def test_error_forward_mode():
