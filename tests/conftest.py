@@ -21,3 +21,18 @@ def getkey():
         return subkey
 
     return _getkey
+
+
+# The fast tier (`pytest -m "not slow"`, under 3 minutes on 2 cores) runs the first
+# case of every parametrised test: each family of configurations is exercised once.
+# The slow tier runs the other cases, and the tests marked `slow` outright.
+def pytest_collection_modifyitems(config, items):
+    seen = set()
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None:
+            continue
+        function = (item.module.__name__, item.originalname)
+        if function in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(function)

@@ -111,6 +111,7 @@ def ft_partial(fn, **kwargs):
     return lambda x: fn(x, **kwargs)
 
 
+@pytest.mark.slow
 def test_default_C_is_accurate_on_one_interval(getkey):
     # The paper's C = 0.1 with a single save at t1: the node count comes from the NFE
     # and the gradient is accurate to the solver's tolerance.
@@ -123,6 +124,7 @@ def test_default_C_is_accurate_on_one_interval(getkey):
     assert_tree_allclose(g_gq, g_direct, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_node_count_controls_accuracy(getkey):
     # Fewer nodes, larger quadrature error: C = 1e-3 (one node per interval) must be
     # measurably worse than C = 10, which must match the direct gradient.
@@ -187,6 +189,7 @@ def test_every_explicit_rk_solver(solver, per_step, at_t0, tol):
     assert int(nfe) == at_t0 + num_steps * per_step
 
 
+@pytest.mark.slow
 def test_closure_parameters(getkey):
     # Arrays closed over by a plain function get gradients; diffrax's BacksolveAdjoint
     # raises a CustomVJPException here.
@@ -217,6 +220,7 @@ def test_closure_parameters(getkey):
         jax.grad(lambda w: loss(w, dfx.BacksolveAdjoint()))(weight)
 
 
+@pytest.mark.slow
 def test_gradient_with_respect_to_y0_only(getkey):
     # Parameters are constants here (nothing in args or the vector field is
     # differentiated), so the backward pass integrates no quadrature at all.
@@ -293,6 +297,7 @@ def test_vmap_and_grad_orderings(getkey, dtype, rtol):
     assert_tree_allclose(mean_weight, g1.weight, rtol=rtol)
 
 
+@pytest.mark.slow
 def test_vmap_with_per_sample_node_counts(getkey):
     # Samples with different horizons take different numbers of steps, so each gets
     # its own node count; under vmap the quadrature follows the largest count, with
@@ -373,6 +378,7 @@ def test_stats_report_forward_nfe():
     assert int(sol.stats["num_fevals"]) == 1 + 10 * 6
 
 
+@pytest.mark.slow
 def test_compiled_memory_flat_in_max_steps(getkey):
     field = _field(getkey())
     y0 = jnp.array([0.3, -0.5])
@@ -499,12 +505,6 @@ def test_error_forward_mode():
     assert jnp.isfinite(jax.grad(f)(1.0))
 
 
-def test_error_event():
-    event = dfx.Event(lambda t, y, args, **kw: t > 0.5)
-    with pytest.raises(NotImplementedError, match="events"):
-        _solve(_ode, event=event)
-
-
 @pytest.mark.parametrize(
     "saveat, match",
     [
@@ -559,6 +559,7 @@ def test_error_bad_options(kwargs, match):
         gqdiffrax.GQAdjoint(**kwargs)
 
 
+@pytest.mark.slow
 def test_backward_max_steps_raises_or_gives_nan():
     # z stays at 0, so the forward solve needs few steps; the adjoint a' = -5a does
     # not. The backward solve hits max_steps: it raises, saying it was GQ's backward
@@ -596,6 +597,7 @@ def test_backward_max_steps_raises_or_gives_nan():
 #
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("interpolation", ["linear", "cubic"])
 def test_control_derivative_with_jump_ts(getkey, interpolation):
     # A field that reads a control's derivative has kinks (cubic) or jumps (linear)
@@ -666,6 +668,7 @@ def _relative_error(x, y):
     return float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y))
 
 
+@pytest.mark.slow
 def test_checkpoints_remove_backward_amplification():
     # Against the exact gradient (the direct method at rtol 1e-12): at rtol 1e-6 /
     # atol 1e-9 the direct method itself is off by 1.5e-4 here, GQ without
@@ -679,6 +682,7 @@ def test_checkpoints_remove_backward_amplification():
     assert plain > 5 * kept
 
 
+@pytest.mark.slow
 def test_split_times_do_not_change_outputs(getkey):
     # Checkpoints and jump_ts add saved states to the forward pass; the user still
     # sees exactly the outputs SaveAt asked for.
@@ -745,6 +749,7 @@ def _relu_grad(adjoint):
     return eqx.filter_jit(eqx.filter_grad(loss))(mlp)
 
 
+@pytest.mark.slow
 def test_step_quadrature_on_a_relu_field():
     # Both continuous adjoints agree with each other (the direct method, a discrete
     # gradient, differs from them by ~2.5e-3 at the kinks). One rule per interval
@@ -758,6 +763,7 @@ def test_step_quadrature_on_a_relu_field():
     assert err_interval > 10 * err_step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("saveat", ["t1", "t0_ts_t1"])
 def test_step_quadrature_matches_direct(getkey, saveat):
     inputs = _inputs(getkey, 1.5, 0.0)
@@ -769,6 +775,7 @@ def test_step_quadrature_matches_direct(getkey, saveat):
     assert_tree_allclose(g_step, g_direct, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_split_times_and_step_quadrature_under_vmap(getkey):
     # Per-sample solves with checkpoints, jump_ts (so quadrature="step") and save
     # times: every sample's merged save/split times differ, both vmap orders.

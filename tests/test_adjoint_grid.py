@@ -106,6 +106,7 @@ def _kinds(combo):
     return ["interior", "touch", "repeat"] if combo[2] else ["interior"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adaptive", [False, True], ids=["constant", "adaptive"])
 @pytest.mark.parametrize("combo", _COMBOS, ids=_combo_id)
 def test_saveat_grid(combo, adaptive):
@@ -136,9 +137,10 @@ def test_saveat_grid(combo, adaptive):
                 assert float(jnp.max(jnp.abs(ts))) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "adaptive",
-    [False, pytest.param(True, marks=pytest.mark.slow)],
+    [False, True],
     ids=["constant", "adaptive"],
 )
 @pytest.mark.parametrize("case", SOLVERS, ids=lambda c: c.name)
@@ -169,6 +171,7 @@ def test_every_solver(case, adaptive):
 _DEFAULT_BOUND = 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "combo", [(False, True, False), (True, True, True)], ids=_combo_id
 )
@@ -187,6 +190,7 @@ def test_default_node_rule(combo):
             )
 
 
+@pytest.mark.slow
 def test_time_gradients_are_the_vector_field():
     # dL/dts_k = g_k . f(ts_k, y(ts_k)) and dL/dt1 likewise; for a saved y(t0) = y0
     # moving t0 moves nothing but the rest of the solution: check GQ's time gradients
@@ -247,9 +251,10 @@ def _vmap_loss(params, y0, t1, adjoint, dtype):
     return weighted_loss(sol.ys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "dtype",
-    [jnp.float64, pytest.param(jnp.float32, marks=pytest.mark.slow)],
+    [jnp.float64, jnp.float32],
     ids=lambda d: d.__name__,
 )
 def test_vmap_both_orders(dtype):
@@ -307,6 +312,7 @@ def _grad_without_times(adjoint):
     return eqx.filter_jit(eqx.filter_grad(loss))
 
 
+@pytest.mark.slow
 def test_float32_parameters_and_state():
     # Gradients with respect to everything but the times (which have their own test).
     bound = grad_bound(SOLVERS_BY_NAME["Tsit5"], True, jnp.float32)
@@ -319,6 +325,7 @@ def test_float32_parameters_and_state():
         assert all(g.dtype == jnp.float32 for g in jtu.tree_leaves(got))
 
 
+@pytest.mark.slow
 def test_float32_time_gradients():
     # Forced strict here, so that the test does not depend on conftest's setting.
     with jax.numpy_dtype_promotion("strict"):

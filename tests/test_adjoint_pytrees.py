@@ -69,6 +69,7 @@ def _pendulum_grad(adjoint):
 _Y0 = (jnp.array([0.5, -0.3]), jnp.array([0.1, 0.2]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adjoint", [GQ_TIGHT, GQ_DEFAULT], ids=["C=10", "default"])
 @pytest.mark.parametrize(
     "args",
@@ -90,6 +91,7 @@ def test_pendulum_tuple_state_and_tuple_args(adjoint, args):
     assert all(float(jnp.max(jnp.abs(g))) > 1e-2 for g in jtu.tree_leaves(got))
 
 
+@pytest.mark.slow
 def test_pendulum_gradient_wrt_y0_only():
     grad = lambda adjoint: jax.jit(
         jax.grad(lambda y0: _pendulum_loss(y0, (9.81, 0.3), adjoint))
@@ -182,8 +184,8 @@ def _check_family(state, args_kind, dtype, saveat="ts"):
     return got_args
 
 
-# The fast tier pairs every state structure with one args structure (and both dtypes
-# appear); the slow tier runs the full product.
+# Every state structure paired with one args structure, both dtypes appearing (the
+# fast tier runs the first pair, see conftest.py); the slow tier runs the full product.
 _PAIRS = [
     ("tuple", "tuple-mixed", jnp.float64),
     ("dict", "dict-arrays", jnp.float32),
@@ -213,11 +215,11 @@ def test_family(state, args_kind, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("args_kind", list(_args(jnp.float64)))
 @pytest.mark.parametrize("state", list(_states(jnp.float64)))
-def test_family_full_product(state, args_kind, dtype):
-    _check_family(state, args_kind, dtype, saveat="all")
+def test_family_full_product(state, args_kind):
+    # float64: the pairs above cover float32 with every state structure.
+    _check_family(state, args_kind, jnp.float64, saveat="all")
 
 
 #
@@ -292,6 +294,7 @@ def test_closed_over_parameters(field_kind, dtype):
     assert float(jnp.max(jnp.abs(got))) > 1e-2
 
 
+@pytest.mark.slow
 def test_module_field_with_static_and_int_fields():
     mlp = eqx.nn.MLP(2, 2, 8, 1, activation=jnp.tanh, key=jax.random.key(2))
     field = _Module(mlp, "cube", 3)

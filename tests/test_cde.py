@@ -94,6 +94,7 @@ def test_matches_direct(getkey, form, interpolation, jumps, bound):
     assert_grads_close(g_gq, g_direct, bound, label=f"{form} {interpolation}")
 
 
+@pytest.mark.slow
 def test_knot_splitting_is_what_makes_it_right(getkey, monkeypatch):
     # The same cubic CDE with the knots hidden from GQAdjoint: one Gauss rule spans
     # several kinks and the gradient is off by far more than the tolerance.
@@ -112,6 +113,7 @@ def test_knot_splitting_is_what_makes_it_right(getkey, monkeypatch):
     assert spanned > 30 * split
 
 
+@pytest.mark.slow
 def test_float32_vmap_over_series(getkey):
     # A batch of series, each with its own sample times (and so its own jump_ts),
     # under vmap, in float32. (Without jump_ts, stepping across the knots costs every
@@ -149,6 +151,7 @@ def test_float32_vmap_over_series(getkey):
     assert_grads_close(g_gq, g_direct, 1e-3, label="float32 vmap")
 
 
+@pytest.mark.slow
 def test_interpolation_in_args(getkey):
     # A field reading the derivative of an interpolation passed as (part of) `args`:
     # GQAdjoint finds its knots there too.

@@ -175,6 +175,7 @@ def test_ode_adaptive(solver):
     assert steps_loose < steps_tight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", [gqdiffrax.EES25(), gqdiffrax.EES27()])
 def test_sde_converges_to_stratonovich(solver):
     # dy = λy dt + μy∘dW has the Stratonovich solution y0 exp(λt + μW_t). An Itô
@@ -372,6 +373,7 @@ def test_sde_gradients(solver):
         assert errors[2] < errors[0] / 16, errors
 
 
+@pytest.mark.slow
 def test_checkpoint_every():
     solver, params, dt = gqdiffrax.EES25(), _params(), jnp.asarray(0.2)
     expected = _arrays(_ode_grad(params, solver, _RCA, _SAVE_MIXED, dt))
@@ -403,6 +405,7 @@ def _vector_loss(y0, theta, adjoint, dtype):
     return jnp.sum(sol.ys**2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_transformations(dtype):
     y0s = jnp.array([[0.8, -0.4], [1.5, 0.2], [-1.0, 2.0]], dtype)
@@ -433,6 +436,7 @@ def test_transformations(dtype):
     assert_tree_allclose((g_y0s, g_theta.sum()), (e_y0s, e_theta.sum()), **exact)
 
 
+@pytest.mark.slow
 def test_step_to():
     # An uneven grid, through ReversibleHeun so that the comparison is exact.
     steps = jnp.array([0.0, 0.1, 0.35, 0.5, 0.9, 1.0, 1.3, 1.75, 2.0])
@@ -551,6 +555,7 @@ def _memory(adjoint, max_steps):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_memory_is_flat_in_steps():
     # A nonlinear vector field: for a linear one the backward pass never reads the
     # reconstructed states and XLA removes them, which would test nothing.

@@ -60,7 +60,7 @@ def test_falling_ball(loss):
     grad = lambda adjoint: jax.jit(jax.grad(lambda p: f(p, adjoint)))(_BALL)
     g_gq = grad(gqdiffrax.GQAdjoint())
     assert_grads_close(g_gq, grad(dfx.RecursiveCheckpointAdjoint()), 1e-7)
-    fd = finite_difference_grad(lambda p: f(p, gqdiffrax.GQAdjoint()), _BALL)
+    fd = finite_difference_grad(jax.jit(lambda p: f(p, gqdiffrax.GQAdjoint())), _BALL)
     assert_grads_close(g_gq, fd, 1e-5)
 
 
@@ -115,6 +115,7 @@ def _neural_solve(model, y0, adjoint, rtol):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 def test_learned_event_under_vmap(getkey, dtype):
     model = _EventNet(getkey(), dtype)
@@ -142,6 +143,7 @@ def test_learned_event_under_vmap(getkey, dtype):
     assert jnp.all(sol.ts[:, -1] < 20.0)
 
 
+@pytest.mark.slow
 def test_event_that_does_not_trigger():
     # The ball is stopped at t1 = 0.5 before it lands: the ordinary gradient, with t1's.
     def f(p, t1, adjoint):
@@ -154,6 +156,7 @@ def test_event_that_does_not_trigger():
     )
 
 
+@pytest.mark.slow
 def test_several_conditions_with_t0():
     # Two conditions: the ball reaching the ground, or a time limit that comes later.
     def f(p, t0, adjoint):

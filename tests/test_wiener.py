@@ -337,6 +337,7 @@ def test_ou_truncated_variance_converges():
     assert np.all(errors[-1] < 1e-4)
 
 
+@pytest.mark.slow
 def test_wong_zakai_ou_moments_converge():
     n, ms = 4000, (1, 4, 16)
 
@@ -673,6 +674,7 @@ def _value_and_grad(name):
     return jax.jit(eqx.debug.assert_max_traces(jax.value_and_grad(loss), max_traces=1))
 
 
+@pytest.mark.slow
 def test_gradients_recursive_checkpoint_vs_finite_differences():
     params = _params(jr.key(10))
     key = jr.key(9)
