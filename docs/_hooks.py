@@ -36,6 +36,8 @@ DIFFRAX_PAGES = {
     "ControlTerm": "terms/",
     "MultiTerm": "terms/",
     "AbstractPath": "path/",
+    "LinearInterpolation": "interpolation/",
+    "CubicInterpolation": "interpolation/",
     "VirtualBrownianTree": "brownian/",
     "PIDController": "stepsize_controller/",
     "ConstantStepSize": "stepsize_controller/",
