@@ -42,7 +42,7 @@ def kernel_dir(tmp_path_factory):
 
 
 def test_notebooks_found():
-    assert len(NOTEBOOKS) >= 5, NOTEBOOKS
+    assert len(NOTEBOOKS) >= 6, NOTEBOOKS
 
 
 def test_notebooks_stored_executed():
