@@ -38,6 +38,7 @@ DIFFRAX_PAGES = {
     "AbstractPath": "path/",
     "LinearInterpolation": "interpolation/",
     "CubicInterpolation": "interpolation/",
+    "Event": "events/",
     "VirtualBrownianTree": "brownian/",
     "PIDController": "stepsize_controller/",
     "ConstantStepSize": "stepsize_controller/",

@@ -33,6 +33,9 @@ measurements):
   $dX/dt$ jumps (linear) or kinks (cubic) there, and a Gauss rule spanning a knot
   loses its order. Steps concentrate at the knots, so the default is then
   `quadrature="step"`.
+- **Events.** The forward solve stops at a root-found event time $t_e$; the
+  backward pass starts there with $a(t_e) = \partial_y L - (c/D)\,\partial_y g$ and
+  adds the direct term $-(c/D)\,\partial_\theta g$ (`_events`).
 - **Time gradients.** $dL/dt_k = (\partial L/\partial y(t_k))^\top f(t_k, y(t_k))$ for
   every saved time and $dL/dt_0 = -a_z(t_0)^\top f(t_0, y_0)$.
 
@@ -127,6 +130,13 @@ class GQAdjoint(dfx.AbstractAdjoint):
     control's knots are split times (the forward pass saves the state there and no
     Gauss rule spans one), and the interpolated data get gradients like any other
     parameter; the knot times themselves do not (refused when differentiated).
+
+    Terminating events: a [`diffrax.Event`][] whose condition returns a real number
+    and has a `root_finder`, with `SaveAt(t1=True)` (and `t0=True`). The event time
+    $t_e$ is differentiable (`sol.ts[-1]`), and moves with the parameters as
+    $dt_e/d\theta = -(\partial_\theta g + \partial_y g \cdot \partial_\theta
+    y) / (\partial_t g + \partial_y g \cdot f)$ at $t_e$; the backward pass starts
+    from $t_e$ with the adjoint that accounts for it.
 
     !!! warning
 

@@ -82,6 +82,19 @@ def _too_big(temp_bytes: int, limit: int | None) -> str | None:
     return f"needs {temp_bytes / 2**30:.1f} GiB, the device allows {limit / 2**30:.1f}"
 
 
+def _compile(limit, fn, *args, compiler_options):
+    """Compile `fn` for `args`: the executable, its compile time in seconds, its
+    temporary memory in MiB, and why it is left out (`None` if it fits)."""
+    compiled, trace_s, xla_s = compile_aot(fn, *args, compiler_options=compiler_options)
+    temp_bytes = memory_analysis(compiled).temp_size_in_bytes
+    return (
+        compiled,
+        round(trace_s + xla_s, 2),
+        _mib(temp_bytes),
+        _too_big(temp_bytes, limit),
+    )
+
+
 def _mib(n: int) -> float:
     return round(n / 2**20, 2)
 
@@ -95,16 +108,13 @@ def gradients_row(regime, width, args, *, key, limit, compiler_options) -> dict:
         solve = Solve(
             method, rtol=args.rtol, atol=args.atol, C=args.C, max_steps=args.max_steps
         )
-        compiled, trace_s, xla_s = compile_aot(
+        compiled, compile_s[method], temp[method], reason = _compile(
+            limit,
             bench._grad_fn(regime, solve),
             model,
             data,
             compiler_options=compiler_options,
         )
-        compile_s[method] = round(trace_s + xla_s, 2)
-        temp_bytes = memory_analysis(compiled).temp_size_in_bytes
-        temp[method] = _mib(temp_bytes)
-        reason = _too_big(temp_bytes, limit)
         if reason is not None:
             left_out[method] = reason
             continue
@@ -179,7 +189,8 @@ def crossover_row(batch_size, run: Run, args, *, limit, compiler_options) -> dic
             optimizer.init(eqx.filter(model, eqx.is_inexact_array))
         )
         say(f"batch {batch_size}: compiling the {method} training step ...")
-        compiled, trace_s, xla_s = compile_aot(
+        compiled, compile_s[method], temp[method], reason = _compile(
+            limit,
             training_step(run, solve, devices, optimizer),
             model,
             state,
@@ -189,10 +200,6 @@ def crossover_row(batch_size, run: Run, args, *, limit, compiler_options) -> dic
             key,
             compiler_options=compiler_options,
         )
-        compile_s[method] = round(trace_s + xla_s, 2)
-        temp_bytes = memory_analysis(compiled).temp_size_in_bytes
-        temp[method] = _mib(temp_bytes)
-        reason = _too_big(temp_bytes, limit)
         if reason is not None:
             left_out[method] = reason
             continue
