@@ -60,6 +60,7 @@ from ._adjoint_common import (
     lax_loop,
     nondiff,
     t0_cotangent,
+    tree_dot,
 )
 from ._diffrax_internals import only_transpose_ys, WrapTerm
 from ._events import as_event, event_conditions, event_cotangents
@@ -606,13 +607,6 @@ def _check_perturbed(perturbed):
         )
 
 
-def _tree_dot(a, b):
-    terms = [jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
-    # Start from a zero of the terms' own dtype: a float64 zero would promote float32
-    # terms, which strict dtype promotion refuses.
-    return sum(terms, start=jnp.zeros((), jnp.result_type(*terms)))
-
-
 def _max_steps_error(x, failed, need, max_steps):
     """Raise, if a backward solve failed, how many steps it needs; `need` is the
     failed interval's length over the part of it the solve covered."""
@@ -850,16 +844,16 @@ def _gq_loop_bwd(
     # moving t0 shifts the whole solution.
     grad_t0 = grad_t1 = grad_ts = None
     if p_t0:
-        grad_t0 = -_tree_dot(a_t0, f(t0, y0, args)).astype(t0.dtype)
+        grad_t0 = -tree_dot(a_t0, f(t0, y0, args)).astype(t0.dtype)
     if (p_ts is not None and p_ts) or p_t1:
         f_after = jax.vmap(lambda t, y: f(t, y, args))(times[1:], y_after)
-        per_time = jax.vmap(_tree_dot)(g_after, f_after).astype(t0.dtype)
+        per_time = jax.vmap(tree_dot)(g_after, f_after).astype(t0.dtype)
         if ts is not None and p_ts:
             pos = jnp.arange(num_ts) if user_pos is None else user_pos
             grad_ts = per_time[pos]
         if subs.t1 and p_t1 and conds is not None:
             # An event time does not move with t1; a solve that reached t1 does.
-            moved = _tree_dot(g_y, f(t_end, y_e, args)) + g_t
+            moved = tree_dot(g_y, f(t_end, y_e, args)) + g_t
             grad_t1 = jnp.where(triggered, 0, moved).astype(t0.dtype)
         elif subs.t1 and p_t1:
             grad_t1 = per_time[-1]

@@ -119,6 +119,15 @@ def fill_cotangents(primal: PyTree[Array], cotangent: PyTree[Array | None]):
     )
 
 
+def tree_dot(a: PyTree[Array], b: PyTree[Array]) -> Array:
+    """$\sum_i \langle a_i, b_i \rangle$ over the leaves of two pytrees of the same
+    structure, in the leaves' own dtype."""
+    terms = [jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
+    # Start from a zero of the terms' own dtype: a float64 zero would promote float32
+    # terms, which strict dtype promotion refuses.
+    return sum(terms, start=jnp.zeros((), jnp.result_type(*terms)))
+
+
 def t0_cotangent(saveat: SaveAt, grad_ys: PyTree[Array], y0: PyTree[Array]):
     """The cotangent that goes straight to `y0`: a `SaveAt(t0=True)` output is `y0`
     itself, so its cotangent `grad_ys[0]` is; zeros without `SaveAt(t0=True)`."""

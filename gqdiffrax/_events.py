@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
+from ._adjoint_common import tree_dot
+
 
 _NAME = "`adjoint=gqdiffrax.GQAdjoint()`"
 
@@ -82,11 +84,6 @@ def as_event(conditions, root_finder, direction) -> dfx.Event:
     return dfx.Event(cond_fn, root_finder=root_finder, direction=direction)
 
 
-def _tree_dot(a, b):
-    terms = [jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
-    return sum(terms, start=jnp.zeros((), jnp.result_type(*terms)))
-
-
 def _scale(tree, factor):
     return jtu.tree_map(lambda x: -factor.astype(x.dtype) * x, tree)
 
@@ -110,7 +107,7 @@ def event_cotangents(
     gradients (with `None` where not differentiated) and whether an event triggered.
     """
     f_e = f(t_e, y_e, args)
-    c = _tree_dot(g_y, f_e) + g_t.astype(t_e.dtype)
+    c = tree_dot(g_y, f_e) + g_t.astype(t_e.dtype)
     diff_args, static_args = eqx.partition(args, p_args)
     leaves, treedef = jtu.tree_flatten(conditions, is_leaf=callable)
     p_leaves = jtu.tree_leaves(p_conditions, is_leaf=callable)
@@ -127,7 +124,7 @@ def event_cotangents(
 
         out, vjp = jax.vjp(value, t_e, y_e, diff_args, diff_c)
         dt, dy, d_args, d_c = vjp(jnp.ones_like(out))
-        denom = (dt.astype(c.dtype) + _tree_dot(dy, f_e)).astype(c.dtype)
+        denom = (dt.astype(c.dtype) + tree_dot(dy, f_e)).astype(c.dtype)
         lam = jnp.where(mask, c / jnp.where(mask, denom, 1), 0)
         a_e = jtu.tree_map(jnp.add, a_e, _scale(dy, lam))
         grad_args = jtu.tree_map(jnp.add, grad_args, _scale(d_args, lam))

@@ -71,8 +71,15 @@ def _inputs(getkey, t0, t1):
     )
 
 
-@pytest.mark.parametrize("saveat", ["t1", "ts", "t0_ts_t1"])
-@pytest.mark.parametrize("t0, t1", [(0.0, 1.5), (1.5, 0.0)])
+@pytest.mark.parametrize(
+    "saveat, t0, t1",
+    [
+        ("t1", 0.0, 1.5),
+        ("ts", 1.5, 0.0),
+        ("t0_ts_t1", 0.0, 1.5),
+        ("t0_ts_t1", 1.5, 0.0),
+    ],
+)
 def test_matches_direct_and_finite_differences(getkey, saveat, t0, t1):
     inputs = _inputs(getkey, t0, t1)
     # C large enough that quadrature error is below the solver tolerance: this test is

@@ -106,9 +106,17 @@ def _kinds(combo):
     return ["interior", "touch", "repeat"] if combo[2] else ["interior"]
 
 
+# Every combination with constant steps; adaptive steps on the richest one (the
+# property test draws adaptive steps with every combination).
+_GRID = [(combo, False) for combo in _COMBOS] + [((True, True, True), True)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("adaptive", [False, True], ids=["constant", "adaptive"])
-@pytest.mark.parametrize("combo", _COMBOS, ids=_combo_id)
+@pytest.mark.parametrize(
+    "combo, adaptive",
+    _GRID,
+    ids=[f"{_combo_id(c)}-{'adaptive' if a else 'constant'}" for c, a in _GRID],
+)
 def test_saveat_grid(combo, adaptive):
     case = SOLVERS_BY_NAME["Tsit5"]
     bound = grad_bound(case, adaptive)
@@ -139,18 +147,14 @@ def test_saveat_grid(combo, adaptive):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "adaptive",
-    [False, True],
-    ids=["constant", "adaptive"],
+    "case", [c for c in SOLVERS if c.name != "Tsit5"], ids=lambda c: c.name
 )
-@pytest.mark.parametrize("case", SOLVERS, ids=lambda c: c.name)
-def test_every_solver(case, adaptive):
+def test_every_solver(case):
     # The richest SaveAt (t0, t1 and ts touching both ends with a repeated time) in
-    # both directions, for every solver of the shared list.
-    if adaptive and not case.adaptive:
-        pytest.skip(f"{case.name} has no error estimate")
-    if case.name == "Tsit5":
-        pytest.skip("Tsit5 runs the whole grid in test_saveat_grid")
+    # both directions, with constant steps, for every solver of the shared list (Tsit5
+    # runs the whole grid above; adaptive steps of every solver are drawn by the
+    # property test).
+    adaptive = False
     bound = grad_bound(case, adaptive)
     for direction in (1, -1):
         _compare(
@@ -252,14 +256,11 @@ def _vmap_loss(params, y0, t1, adjoint, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "dtype",
-    [jnp.float64, jnp.float32],
-    ids=lambda d: d.__name__,
-)
-def test_vmap_both_orders(dtype):
+def test_vmap_both_orders():
     # Per-sample y0 and horizons, among them a reverse-time one (t1 < t0 = 0): each
-    # sample has its own direction, step count and node count.
+    # sample has its own direction, step count and node count. (float32 under vmap:
+    # test_adjoint.py's test_vmap_and_grad_orderings.)
+    dtype = jnp.float64
     params = (make_field(dtype), make_args(dtype))
     y0s = jnp.array([[0.3, -0.5], [0.1, 0.2], [-0.4, 0.4]], dtype)
     t1s = jnp.array([1.0, 2.0, -1.5], dtype)

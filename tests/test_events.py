@@ -50,7 +50,7 @@ def _ball_solve(p, adjoint, *, rtol=1e-10, t1=10.0, saveat=None, **kwargs):
 _BALL = ((jnp.asarray(5.0), jnp.asarray(0.5)), jnp.array([9.81, 0.3]))
 
 
-@pytest.mark.parametrize("loss", ["time", "velocity", "both"])
+@pytest.mark.parametrize("loss", ["time", "both"])
 def test_falling_ball(loss):
     def f(p, adjoint):
         sol = _ball_solve(p, adjoint)
@@ -116,7 +116,8 @@ def _neural_solve(model, y0, adjoint, rtol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+# float32 (the falling ball is float64).
+@pytest.mark.parametrize("dtype", [jnp.float32])
 def test_learned_event_under_vmap(getkey, dtype):
     model = _EventNet(getkey(), dtype)
     y0s = jr.normal(getkey(), (4, 2), dtype)
