@@ -120,7 +120,7 @@ def fill_cotangents(primal: PyTree[Array], cotangent: PyTree[Array | None]):
 
 
 def tree_dot(a: PyTree[Array], b: PyTree[Array]) -> Array:
-    """$\sum_i \langle a_i, b_i \rangle$ over the leaves of two pytrees of the same
+    r"""$\sum_i \langle a_i, b_i \rangle$ over the leaves of two pytrees of the same
     structure, in the leaves' own dtype."""
     terms = [jnp.sum(x * y) for x, y in zip(jtu.tree_leaves(a), jtu.tree_leaves(b))]
     # Start from a zero of the terms' own dtype: a float64 zero would promote float32
