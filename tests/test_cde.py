@@ -309,3 +309,39 @@ def test_error_control_term_subclass(getkey):
                 ),
                 adjoint=gqdiffrax.GQAdjoint(),
             )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["to_ode", "control"])
+def test_reverse_time(getkey, form):
+    # t0 > t1: the knots, and the check that a `ControlTerm`'s knots are jump times,
+    # in diffrax's normalised time.
+    knots, data, mlp, y0 = _problem(getkey())
+
+    def grad(adjoint):
+        def loss(diff):
+            mlp, data = diff
+            control = dfx.LinearInterpolation(knots, data)
+            term = dfx.ControlTerm(lambda t, y, args: args(y).reshape(3, 2), control)
+            sol = dfx.diffeqsolve(
+                term.to_ode() if form == "to_ode" else term,
+                dfx.Tsit5(),
+                T1,
+                0.0,
+                None,
+                y0,
+                mlp,
+                saveat=dfx.SaveAt(ts=jnp.array([2.0, 1.0, 0.0])),
+                stepsize_controller=dfx.PIDController(
+                    rtol=1e-8, atol=1e-8, jump_ts=knots
+                ),
+                adjoint=adjoint,
+                max_steps=8192,
+            )
+            return jnp.sum(sol.ys**2)
+
+        return eqx.filter_jit(eqx.filter_grad(loss))((mlp, data))
+
+    assert_grads_close(
+        grad(gqdiffrax.GQAdjoint()), grad(dfx.RecursiveCheckpointAdjoint()), 1e-6
+    )

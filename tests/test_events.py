@@ -188,6 +188,40 @@ def test_several_conditions_with_t0():
     )
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "t1, v0", [(10.0, 0.5), (-10.0, -0.5)], ids=["forward", "reverse"]
+)
+def test_condition_of_args_in_both_directions(t1, v0):
+    # The condition reads `args` (the ground at 0.1 g), and the solve runs forwards
+    # or backwards in time.
+    def f(p, adjoint):
+        y0, args = p
+        event = dfx.Event(
+            lambda t, y, args, **kw: y[0] - 0.1 * args[0],
+            root_finder=optx.Newton(1e-12, 1e-12),
+        )
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(_ball),
+            dfx.Tsit5(),
+            0.0,
+            t1,
+            None,
+            y0,
+            args,
+            event=event,
+            stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
+            adjoint=adjoint,
+        )
+        return sol.ts[-1] + sol.ys[1][-1] ** 2
+
+    p = ((jnp.asarray(5.0), jnp.asarray(v0)), jnp.array([9.81, 0.3]))
+    grad = lambda adjoint: jax.jit(jax.grad(lambda p: f(p, adjoint)))(p)
+    assert_grads_close(
+        grad(gqdiffrax.GQAdjoint()), grad(dfx.RecursiveCheckpointAdjoint()), 1e-7
+    )
+
+
 #
 # What is refused, and why
 #
