@@ -48,16 +48,15 @@ _KNOTTED = (dfx.LinearInterpolation, dfx.CubicInterpolation)
 def control_of(term) -> dfx.AbstractPath | None:
     """The control of a controlled differential equation's term: of
     `ControlTerm(f, control)` or of its `to_ode()`; `None` for any other term."""
-    if isinstance(term, dfx.ODETerm) and isinstance(term.vector_field, ControlToODE):
-        term = term.vector_field.control_term
+    term = _from_to_ode(term)
     return term.control if isinstance(term, dfx.ControlTerm) else None
 
 
-def _field_of(term):
-    """The user's vector field inside a term (inside a control term for `to_ode()`)."""
+def _from_to_ode(term):
+    """The `ControlTerm` that `term` was built from by `to_ode()`; else `term`."""
     if isinstance(term, dfx.ODETerm) and isinstance(term.vector_field, ControlToODE):
-        term = term.vector_field.control_term
-    return term.vector_field
+        return term.vector_field.control_term
+    return term
 
 
 def knotted_paths(term, args) -> list:
@@ -145,11 +144,7 @@ def check_supported(terms, solver, stepsize_controller, event, saveat, args) -> 
         )
     # A plain `ODETerm`, a plain `ControlTerm`, or the `to_ode()` of a plain one: a
     # subclass may change how the vector field is evaluated.
-    core = (
-        inner.vector_field.control_term
-        if type(inner) is dfx.ODETerm and isinstance(inner.vector_field, ControlToODE)
-        else inner
-    )
+    core = _from_to_ode(inner) if type(inner) is dfx.ODETerm else inner
     if type(core) not in (dfx.ODETerm, dfx.ControlTerm):
         base = next(
             (b for b in (dfx.ODETerm, dfx.ControlTerm) if isinstance(core, b)), None
@@ -172,7 +167,7 @@ def check_supported(terms, solver, stepsize_controller, event, saveat, args) -> 
     knotted = knotted_paths(inner, args)
     rough = [
         p
-        for p in _paths_in((_field_of(inner), args)) + [control]
+        for p in _paths_in((_from_to_ode(inner).vector_field, args)) + [control]
         if p is not None and not _is_smooth_path(p) and not any(p is q for q in knotted)
     ]
     if rough and jump_times(stepsize_controller) is None:
