@@ -33,6 +33,10 @@ measurements):
   $dX/dt$ jumps (linear) or kinks (cubic) there, and a Gauss rule spanning a knot
   loses its order. Steps concentrate at the knots, so the default is then
   `quadrature="step"`.
+- **Kinks in the vector field.** The same default holds when the vector field's jaxpr
+  shows a switch along the trajectory (a ReLU, `abs`, a `jnp.where` on $t$ or $y$;
+  `_smoothness.has_kinks`): the backward solve's step-size control then finds the kinks
+  and a rule on every step integrates between them.
 - **Events.** The forward solve stops at a root-found event time $t_e$; the
   backward pass starts there with $a(t_e) = \partial_y L - (c/D)\,\partial_y g$ and
   adds the direct term $-(c/D)\,\partial_\theta g$ (`_events`).
@@ -74,6 +78,7 @@ from ._quadrature import (
     StepQuadrature,
     tolerance_nodes,
 )
+from ._smoothness import has_kinks
 
 
 # The paper's default `C`: the tolerance rule never uses fewer nodes than this gives.
@@ -146,13 +151,13 @@ class GQAdjoint(dfx.AbstractAdjoint):
         derivative of the discrete forward solve (use
         [`diffrax.RecursiveCheckpointAdjoint`][] for that).
 
-        The quadrature assumes $a_z^\top \partial f/\partial\theta$ is smooth between
-        split times. A vector field with kinks that the solver does not stop at, such
-        as a ReLU network or an interpolated control, breaks that assumption and the
-        error then decreases only slowly with the number of nodes: use a smooth
-        activation (softplus, tanh, GELU), pass the kinks' times as `jump_ts` to the
-        step-size controller, or raise `C`. On strongly contracting dynamics, keep
-        forward `checkpoints`.
+        One Gauss rule per interval assumes $a_z^\top \partial f/\partial\theta$ is
+        smooth between split times. A vector field with kinks (a ReLU network, an
+        `abs`, a `jnp.where` on $t$ or $y$) breaks that assumption; the default finds
+        such kinks in the vector field's jaxpr when traced and then integrates on every
+        backward step instead (`quadrature="step"`), which is slower. Smooth
+        activations (softplus, tanh, GELU) keep the faster rule. On strongly
+        contracting dynamics, keep forward `checkpoints`.
 
     !!! info
 
@@ -331,10 +336,13 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
     solve, read off its dense output, so the backward solve's step-size control also
     controls the quadrature: slower (one vector-Jacobian product per node per step),
     but accurate to the tolerance on vector fields with kinks, such as ReLU networks.
-    `None` (the default) is `"step"` when the step-size controller has `jump_ts` or
+    `None` (the default) is `"step"` when the step-size controller has `jump_ts`, when
     the term has a control with knots (the solver restarts or shrinks its step at
     every jump or kink, so the forward steps are far from evenly spread, which the
-    node rule assumes) and `"interval"` otherwise.
+    node rule assumes), or when the vector field's jaxpr shows a kink along the
+    trajectory (`gqdiffrax._smoothness`: a ReLU, `abs`, `max`, a `jnp.where` or
+    `lax.cond` on $t$ or $y$, ...), and `"interval"` otherwise. Passing `C` means
+    `"interval"`.
 - `checkpoints`: how many forward states to keep, at evenly spaced times. The backward
     pass resets $z$ to them, so errors of the backward re-solve of $z$ (which grow like
     $e^{\lambda t}$ on dynamics contracting at rate $\lambda$) grow only between
@@ -734,8 +742,17 @@ def _gq_loop_bwd(
 
     quadrature = self.quadrature
     if quadrature is None:
-        has_jumps = jump_times(stepsize_controller) is not None or knots is not None
-        quadrature = "step" if has_jumps and self.C is None else "interval"
+        smooth = self.C is not None or not (
+            jump_times(stepsize_controller) is not None
+            or knots is not None
+            or has_kinks(
+                lambda t, y, args_, term_, d: _wrapped_vf(term_, d)(t, y, args_),
+                t0,
+                y0,
+                (args, term, direction),
+            )
+        )
+        quadrature = "interval" if smooth else "step"
     per_step = want_theta and quadrature == "step"
     if per_step:
 
