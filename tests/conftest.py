@@ -46,3 +46,15 @@ def pytest_collection_modifyitems(config, items):
         if function in seen:
             item.add_marker(pytest.mark.slow)
         seen.add(function)
+    # The longest tests first (each 40-130 s on an idle 2-core machine), so that no
+    # worker is left running one of them after the other has finished the rest.
+    items.sort(key=lambda item: not any(name in item.nodeid for name in _LONGEST))
+
+
+_LONGEST = (
+    "test_notebooks.py::test_notebook_runs",
+    "test_adjoint_property.py::test_gq_matches_recursive_checkpoint_full",
+    "test_bench.py",
+    "test_distributed.py",
+    "test_experiments.py::test_sharded_batch_gives_the_same_gradient",
+)
