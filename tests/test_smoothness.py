@@ -31,6 +31,7 @@ _FIELDS = {
     "softmax": (lambda t, y, args: jax.nn.softmax(y), False),
     "norm": (lambda t, y, args: y * jnp.linalg.norm(y), False),
     "tanh loop": (_loop_of(jnp.tanh), False),
+    "checkpointed tanh": (lambda t, y, args: jax.checkpoint(jnp.tanh)(y), False),
     # Switches on a value that does not move along the trajectory.
     "where on args": (lambda t, y, args: jnp.where(args[0] < 1, y, args[0] * y), False),
     "clip of args": (lambda t, y, args: jnp.clip(args[0], 0, 1) * y, False),
@@ -52,6 +53,7 @@ _FIELDS = {
         True,
     ),
     "relu in a loop": (_loop_of(jax.nn.relu), True),
+    "checkpointed relu": (lambda t, y, args: jax.checkpoint(jax.nn.relu)(y), True),
     "while on t": (
         lambda t, y, args: jax.lax.while_loop(lambda c: c[0] < t, lambda c: c + 1, y),
         True,
@@ -82,6 +84,20 @@ class _MLPField(eqx.Module):
 
     def __call__(self, t, y, args):
         return self.mlp(y)
+
+
+def test_wong_zakai_terms_are_smooth():
+    # Both forms of the Karhunen-Loeve surrogate (stored draws, and draws redone in a
+    # checkpointed loop) are sums of cosines in t.
+    for running_sum in (False, True):
+        w = gqdiffrax.WienerSurrogate(
+            0.0, 1.0, (2,), jr.key(0), num_terms=8, running_sum=running_sum
+        )
+        term = gqdiffrax.wong_zakai_term(
+            lambda t, y, args: -y, lambda t, y, args: 0.5 * jnp.eye(2), w
+        )
+        field = lambda t, y, args, term: term.vf(t, y, args)
+        assert not has_kinks(field, jnp.array(0.5), jnp.ones(2), (None, term))
 
 
 def _switching_grad(adjoint):
