@@ -10,12 +10,14 @@ from . import (
     crossing,
     demo,
     ees_stability,
+    ees_training,
     exponential,
     gpu_suite,
     images,
     memory,
     nested_spheres,
     ou_sde,
+    reproduce,
     sines,
 )
 from ._task import PROG, run_task, UsageError
@@ -35,9 +37,11 @@ TASKS = {
         ou_sde,
         c_ablation,
         ees_stability,
+        ees_training,
         bench_gradients,
         gpu_suite,
         accuracy,
+        reproduce,
     )
 }
 

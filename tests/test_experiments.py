@@ -382,3 +382,20 @@ def test_sharded_batch_gives_the_same_gradient(tmp_path):
     assert result.stdout.strip().endswith("OK")
     check_training(out, methods=["gq"], epochs=1, nfe=False)
     assert json.loads((out / "results.json").read_text())["config"]["devices"] == 4
+
+
+@pytest.mark.slow
+def test_ees_training(tmp_path):
+    out = tmp_path / "ees-training"
+    run_task("ees-training", "--smoke", "--out", out)
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert {(r["solver"], r["num_steps"]) for r in runs} == {
+        ("EES25", 4),
+        ("ReversibleHeun", 4),
+    }
+    for r in runs:
+        assert len(r["curve"]) >= 1
+        assert math.isfinite(r["first_loss"])
+        # ReversibleAdjoint against the direct method through the same solver.
+        assert r["grad_error_init"] < 1.0
+    assert (out / "ees_training.png").is_file()
