@@ -5,6 +5,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import pytest
 
 import gqdiffrax
 from gqdiffrax._smoothness import has_kinks
@@ -131,6 +132,7 @@ def test_default_quadrature_on_a_switch_in_time():
     assert abs(interval - exact) / abs(exact) > 1e-3
 
 
+@pytest.mark.slow
 def test_default_quadrature_on_a_relu_mlp_under_vmap():
     # eqx.nn.MLP's default activation is ReLU: per-sample solves under vmap, against
     # BacksolveAdjoint (a continuous adjoint, as GQ's).
