@@ -260,62 +260,61 @@ def scaling_table(slopes: dict, part: str, metric: str) -> str:
     )
 
 
-def c_table(rows) -> str:
+def _beside_paper(rows, paper, selects, ours, headers, label=None) -> str:
+    """One row per key of `paper` (key -> the paper's cells): `label(key)` (default:
+    the key's parts), `ours(mine)` over the runs with `selects(run, key)`, then the
+    paper's cells."""
+    if label is None:
+        label = lambda key: list(key) if isinstance(key, tuple) else [key]
     body = []
-    for c, (p_time, p_acc) in PAPER_TABLE2.items():
-        mine = [r for r in rows if r.get("C") == c]
-        body.append(
-            [
-                f"{c:g}",
-                _pm([r["train_s"] for r in mine]),
-                _pm([r["final_metric"] for r in mine], ".1f"),
-                _pm([r["nfe_backward"] for r in mine], ".0f"),
-                p_time,
-                p_acc,
-            ]
-        )
-    headers = ["C", "ours: train (s)", "ours: accuracy (%)", "ours: NFE bwd"]
-    headers += ["paper: train (s)", "paper: accuracy (%)"]
+    for key, paper_cells in paper.items():
+        mine = [r for r in rows if selects(r, key)]
+        body.append([*label(key), *ours(mine), *paper_cells])
     return markdown_table(headers, body)
+
+
+def c_table(rows) -> str:
+    return _beside_paper(
+        rows,
+        PAPER_TABLE2,
+        lambda r, c: r.get("C") == c,
+        lambda mine: [
+            _pm([r["train_s"] for r in mine]),
+            _pm([r["final_metric"] for r in mine], ".1f"),
+            _pm([r["nfe_backward"] for r in mine], ".0f"),
+        ],
+        ["C", "ours: train (s)", "ours: accuracy (%)", "ours: NFE bwd"]
+        + ["paper: train (s)", "paper: accuracy (%)"],
+        label=lambda c: [f"{c:g}"],
+    )
 
 
 def times_table(rows) -> str:
-    body = []
-    for (n, regularity), (p_time, p_mse) in PAPER_TABLE4.items():
-        mine = [
-            r for r in rows if r["num_times"] == n and r["regularity"] == regularity
-        ]
-        body.append(
-            [
-                n,
-                regularity,
-                _pm([r["train_s"] for r in mine]),
-                _pm([r["final_metric"] for r in mine], ".2g"),
-                p_time,
-                p_mse,
-            ]
-        )
-    headers = ["times", "regularity", "ours: train (s)", "ours: MSE"]
-    headers += ["paper: train (s)", "paper: MSE"]
-    return markdown_table(headers, body)
+    return _beside_paper(
+        rows,
+        PAPER_TABLE4,
+        lambda r, key: (r["num_times"], r["regularity"]) == key,
+        lambda mine: [
+            _pm([r["train_s"] for r in mine]),
+            _pm([r["final_metric"] for r in mine], ".2g"),
+        ],
+        ["times", "regularity", "ours: train (s)", "ours: MSE"]
+        + ["paper: train (s)", "paper: MSE"],
+    )
 
 
 def cosines_table(rows) -> str:
-    body = []
-    for m, (p_time, p_kl) in PAPER_TABLE6.items():
-        mine = [r for r in rows if r["num_cosines"] == m]
-        body.append(
-            [
-                m,
-                _pm([r["train_s"] for r in mine]),
-                _pm([100 * r["final_metric"] for r in mine]),
-                p_time,
-                p_kl,
-            ]
-        )
-    headers = ["cosines", "ours: train (s)", "ours: KL (x 1e-2)"]
-    headers += ["paper: train (min)", "paper: KL (x 1e-2)"]
-    return markdown_table(headers, body)
+    return _beside_paper(
+        rows,
+        PAPER_TABLE6,
+        lambda r, m: r["num_cosines"] == m,
+        lambda mine: [
+            _pm([r["train_s"] for r in mine]),
+            _pm([100 * r["final_metric"] for r in mine]),
+        ],
+        ["cosines", "ours: train (s)", "ours: KL (x 1e-2)"]
+        + ["paper: train (min)", "paper: KL (x 1e-2)"],
+    )
 
 
 def crossover_table(by_batch: dict[int, list[dict]]) -> str:
