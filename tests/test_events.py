@@ -26,11 +26,15 @@ def _ball(t, y, args):
     return velocity, -gravity - drag * velocity
 
 
-def _ball_solve(p, adjoint, *, rtol=1e-10, t1=10.0, saveat=None, **kwargs):
+def _ground(t, y, args, **kwargs):
+    return y[0]
+
+
+def _ball_solve(
+    p, adjoint, *, rtol=1e-10, t1=10.0, saveat=None, condition=_ground, **kwargs
+):
     y0, args = p
-    event = dfx.Event(
-        lambda t, y, args, **kw: y[0], root_finder=optx.Newton(1e-12, 1e-12)
-    )
+    event = dfx.Event(condition, root_finder=optx.Newton(1e-12, 1e-12))
     return dfx.diffeqsolve(
         dfx.ODETerm(_ball),
         dfx.Tsit5(),
@@ -196,23 +200,8 @@ def test_condition_of_args_in_both_directions(t1, v0):
     # The condition reads `args` (the ground at 0.1 g), and the solve runs forwards
     # or backwards in time.
     def f(p, adjoint):
-        y0, args = p
-        event = dfx.Event(
-            lambda t, y, args, **kw: y[0] - 0.1 * args[0],
-            root_finder=optx.Newton(1e-12, 1e-12),
-        )
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(_ball),
-            dfx.Tsit5(),
-            0.0,
-            t1,
-            None,
-            y0,
-            args,
-            event=event,
-            stepsize_controller=dfx.PIDController(rtol=1e-10, atol=1e-10),
-            adjoint=adjoint,
-        )
+        condition = lambda t, y, args, **kw: y[0] - 0.1 * args[0]
+        sol = _ball_solve(p, adjoint, t1=t1, condition=condition)
         return sol.ts[-1] + sol.ys[1][-1] ** 2
 
     p = ((jnp.asarray(5.0), jnp.asarray(v0)), jnp.array([9.81, 0.3]))
