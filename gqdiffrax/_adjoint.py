@@ -21,6 +21,12 @@ measurements):
   stops the backward re-solve of $z$ from amplifying errors on contracting dynamics.
   The interval's $n_k$ Gauss–Legendre nodes are reached with `SaveAt(ts=...)` of that
   solve (dense output), and the step size carries over from one interval to the next.
+- **Stepping across save times.** With many save times (`saves="cross"`, the default
+  from 16 of them), the backward solve stops only at the split times. A step that
+  spans save times adds their cotangents at its start through the VJP of one forward
+  step and its dense output (`_cross`), and the quadrature is a rule on every backward
+  step. The backward pass then takes about the forward's number of steps instead of at
+  least one per save time.
 - **Quadrature sum.** $\int a_z^\top \partial f/\partial\theta\,dt$ over the interval
   is one VJP of the vector field `vmap`-ed over the nodes, in chunks of at most
   `node_chunk` (`_quadrature.make_node_sum`). $n_k$ comes from the node rule
@@ -66,6 +72,7 @@ from ._adjoint_common import (
     t0_cotangent,
     tree_dot,
 )
+from ._cross import CrossSaves, save_time_injector
 from ._diffrax_internals import only_transpose_ys, WrapTerm
 from ._events import as_event, event_conditions, event_cotangents
 from ._gq_support import check_supported, jump_times, knot_times, knotted_paths
@@ -83,6 +90,12 @@ from ._smoothness import has_kinks
 
 # The paper's default `C`: the tolerance rule never uses fewer nodes than this gives.
 _PAPER_C = 0.1
+# With at least this many save times `ts`, the backward solve steps across them by
+# default (`saves=None`). Stopping costs a step per save time; crossing costs a
+# Gauss rule on every backward step, and on a step that spans save times one forward
+# step and its VJP. Crossing is the cheaper when save times outnumber the forward steps
+# about 1.7 to 1; neural ODEs fitted to time series take 5 to 30 steps.
+_CROSS_SAVES = 16
 
 
 class GQAdjoint(dfx.AbstractAdjoint):
@@ -190,6 +203,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
     checkpoints: int = eqx.field(default=0, static=True, kw_only=True)
     max_nodes: int = eqx.field(default=64, static=True, kw_only=True)
     node_chunk: int = eqx.field(default=8, static=True, kw_only=True)
+    saves: str | None = eqx.field(default=None, static=True, kw_only=True)
 
     def __check_init__(self):
         if isinstance(self.C, (int, float)) and not (
@@ -212,6 +226,18 @@ class GQAdjoint(dfx.AbstractAdjoint):
             raise ValueError(
                 "`GQAdjoint(C=...)` sets the node count of `quadrature='interval'`; "
                 "with `quadrature='step'` the backward solve's steps set it. Drop `C`."
+            )
+        if self.saves not in (None, "stop", "cross"):
+            raise ValueError(
+                "`GQAdjoint(saves=...)` must be 'stop' (the backward solve stops at "
+                "every save time), 'cross' (it steps across save times) or None "
+                f"(choose); got {self.saves!r}."
+            )
+        if self.saves == "cross" and (self.quadrature == "interval" or self.C):
+            raise ValueError(
+                "`GQAdjoint(saves='cross')` integrates on every backward step (its "
+                "steps span save times, where the adjoint jumps), so it cannot take "
+                "`quadrature='interval'` or `C`. Drop them, or pass `saves='stop'`."
             )
         if not isinstance(self.max_nodes, int) or not 1 <= self.max_nodes <= MAX_NODES:
             raise ValueError(
@@ -347,6 +373,20 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
     pass resets $z$ to them, so errors of the backward re-solve of $z$ (which grow like
     $e^{\lambda t}$ on dynamics contracting at rate $\lambda$) grow only between
     checkpoints. Memory grows by `checkpoints` states. Default 0.
+- `saves`: `"stop"` stops the backward solve at every save time, resets $z$ there and
+    adds the save time's cotangent to $a_z$ (the paper's method). `"cross"` steps across
+    save times: the backward solve stops only at split times (`jump_ts`, a control's
+    knots, `checkpoints`), and each step adds the cotangents of the save times it spans
+    through the VJP of one forward step from its start and that step's dense output,
+    which is how the forward pass produced those outputs. The quadrature is then a rule
+    on every backward step (`quadrature="step"`). Stopping costs at least one backward
+    step per save time; crossing costs, per backward step, a Gauss rule and, if it
+    spans a save time, one forward step and its VJP. So crossing wins when the save
+    times outnumber the forward steps (a time series saved at 50 times, solved in 5
+    steps: 4× faster), and stopping when they are few. `None` (the default) is
+    `"cross"` with 16 or more save times `ts`, or when the quadrature is `"step"`
+    anyway (kinks, `jump_ts`, knots), and `"stop"` otherwise or when `C` or
+    `quadrature="interval"` is given.
 - `max_nodes`: the cap on nodes per interval, $1 \le$ `max_nodes` $\le 64$. A
     64-node rule is exact for polynomials of degree 127.
 - `node_chunk`: how many nodes share one `vmap`-ed VJP of the vector field. Memory of
@@ -405,12 +445,18 @@ class _BackwardController(dfx.AbstractStepSizeController):
       proposal made after it is scaled from that clipped step; so the larger of the
       last two proposals is kept;
     - how far the solve got, to say how many steps it needs when it runs out of
-      `max_steps`."""
+      `max_steps`.
+
+    With `stops` (times, forwards), a proposed step that would span some of them is
+    shortened to end on the last of them it reaches (`saves="cross"`: the backward
+    solve then resets $z$ there)."""
 
     controller: dfx.AbstractStepSizeController
+    stops: typing.Any = None
 
     def wrap(self, direction):
-        return _BackwardController(self.controller.wrap(direction))
+        stops = None if self.stops is None else self.stops * direction
+        return _BackwardController(self.controller.wrap(direction), stops)
 
     def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
         tnext, state = self.controller.init(
@@ -426,6 +472,10 @@ class _BackwardController(dfx.AbstractStepSizeController):
         keep, tprev, tnext, made_jump, state, result = self.controller.adapt_step_size(
             t0, t1, y0, y1_candidate, args, y_error, error_order, state
         )
+        if self.stops is not None:
+            inside = (self.stops > tprev) & (self.stops < tnext)
+            last_inside = jnp.max(jnp.where(inside, self.stops, -jnp.inf))
+            tnext = jnp.where(jnp.any(inside), last_inside, tnext).astype(tnext.dtype)
         return (
             keep,
             tprev,
@@ -615,6 +665,11 @@ def _check_perturbed(perturbed):
         )
 
 
+def _rows_sum(mask, rows):
+    """The sum of the rows (leading axis) of every leaf of `rows` where `mask` holds."""
+    return jtu.tree_map(lambda x: jnp.tensordot(mask.astype(x.dtype), x, axes=1), rows)
+
+
 def _max_steps_error(x, failed, need, max_steps):
     """Raise, if a backward solve failed, how many steps it needs; `need` is the
     failed interval's length over the part of it the solve covered."""
@@ -710,7 +765,6 @@ def _gq_loop_bwd(
         return fz, jtu.tree_map(jnp.negative, a_dot)
 
     adaptive = isinstance(stepsize_controller, dfx.AbstractAdaptiveStepSizeController)
-    controller = _BackwardController(stepsize_controller)
     if adaptive:
         first_dt = (t_end - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
     else:
@@ -732,6 +786,8 @@ def _gq_loop_bwd(
         counts = jnp.maximum(counts, by_tolerance)
 
     theta_arrays, theta_rest = eqx.partition(theta_static, eqx.is_array)
+    theta0 = jtu.tree_map(jnp.zeros_like, theta)
+    row_ts = times[1:]
 
     def f_theta(theta_, arrays, direction_, t, z):
         args_, term_ = eqx.combine(theta_, arrays, theta_rest)
@@ -741,7 +797,7 @@ def _gq_loop_bwd(
     node_sum = make_node_sum(f_theta, min(self.node_chunk, self.max_nodes))
 
     quadrature = self.quadrature
-    if quadrature is None:
+    if quadrature is None and self.saves != "cross":
         smooth = self.C is not None or not (
             jump_times(stepsize_controller) is not None
             or knots is not None
@@ -753,6 +809,16 @@ def _gq_loop_bwd(
             )
         )
         quadrature = "interval" if smooth else "step"
+    # Step across save times (`_cross`), or stop at every one.
+    saves = self.saves
+    if saves is None:
+        chosen = self.C is None and self.quadrature is None
+        many = num_ts >= _CROSS_SAVES and chosen
+        saves = "cross" if quadrature == "step" or many else "stop"
+    cross = saves == "cross" and num_ts > 0
+    if cross:
+        quadrature = "step"
+    controller = _BackwardController(stepsize_controller, row_ts if cross else None)
     per_step = want_theta and quadrature == "step"
     if per_step:
 
@@ -781,6 +847,20 @@ def _gq_loop_bwd(
         a, dt, theta_sum, failed, need = carry
         t_start, t_end, y_end, g_end, n = xs
         a = jtu.tree_map(jnp.add, a, g_end)
+        if cross:
+            inject = save_time_injector(
+                solver,
+                lambda theta_, t, z: f_theta(theta_, theta_arrays, direction, t, z),
+                theta,
+                row_ts,
+                y_after,
+                g_after,
+                t_start,
+                t_end,
+            )
+            solver_ = CrossSaves(backward_solver, inject)
+        else:
+            solver_ = backward_solver
         node_ts, node_ws = interval_rule(n, t_start, t_end, self.max_nodes)
         # Solve from one ULP inside each end. A split time may be a jump of the
         # field (`jump_ts`), where its value depends on the side it is evaluated
@@ -792,7 +872,7 @@ def _gq_loop_bwd(
         save_nodes = want_theta and not per_step
         sol = dfx.diffeqsolve(
             dfx.ODETerm(aug_vf),
-            backward_solver,
+            solver_,
             hi,
             lo,
             -dt,
@@ -801,7 +881,7 @@ def _gq_loop_bwd(
                 ts=node_ts if save_nodes else None,
                 t1=True,
                 controller_state=True,
-                solver_state=per_step,
+                solver_state=per_step or cross,
             ),
             stepsize_controller=controller,
             adjoint=_ForwardOnly(),
@@ -813,8 +893,11 @@ def _gq_loop_bwd(
         _, last, prev, reached = sol.controller_state
         if adaptive:
             dt = jnp.where(t_end > t_start, jnp.maximum(last, prev), dt)
+        solver_state = sol.solver_state
+        if cross:
+            solver_state, _ = solver_state
         if per_step:
-            _, total = sol.solver_state
+            _, total = solver_state
             theta_sum = jtu.tree_map(jnp.add, theta_sum, total)
         elif want_theta:
             nodes = lambda x: x[:-1]
@@ -836,7 +919,6 @@ def _gq_loop_bwd(
         return (a, dt, theta_sum, failed | bad, need), None
 
     a0 = jtu.tree_map(jnp.zeros_like, y0)
-    theta0 = jtu.tree_map(jnp.zeros_like, theta)
     carry = (
         a0,
         jnp.asarray(first_dt, t0.dtype),
@@ -844,10 +926,26 @@ def _gq_loop_bwd(
         jnp.array(False),
         jnp.zeros((), t0.dtype),
     )
-    if times.shape[0] > 1:
-        xs = (times[:-1], times[1:], y_after, g_after, counts)
+    if cross:
+        # The backward solve stops only at the split times and the end: one piece
+        # between each two. A save time at a piece's end adds its cotangent at the
+        # start of that piece's solve; one inside is spanned by a step (`_cross`); one
+        # at t0 goes straight to a(t0).
+        bounds = [t0[None]] + ([] if extra is None else [jnp.sort(extra)])
+        bounds = jnp.concatenate(bounds + [times[-1:]])
+        lo_b, hi_b = bounds[:-1], bounds[1:]
+        ends = (row_ts[None, :] == hi_b[:, None]) & (row_ts[None, :] > lo_b[:, None])
+        g_ends = jax.vmap(_rows_sum, in_axes=(0, None))(ends, g_after)
+        y_ends = jtu.tree_map(lambda y: y[jnp.searchsorted(row_ts, hi_b)], y_after)
+        xs = (lo_b, hi_b, y_ends, g_ends, jnp.zeros_like(hi_b, jnp.int32))
         carry, _ = lax.scan(interval, carry, xs, reverse=True)
-    a_t0, _, theta_sum, failed, need = carry
+        a_t0, _, theta_sum, failed, need = carry
+        a_t0 = jtu.tree_map(jnp.add, a_t0, _rows_sum(row_ts == t0, g_after))
+    else:
+        if times.shape[0] > 1:
+            xs = (times[:-1], times[1:], y_after, g_after, counts)
+            carry, _ = lax.scan(interval, carry, xs, reverse=True)
+        a_t0, _, theta_sum, failed, need = carry
 
     grad_y0 = jtu.tree_map(jnp.add, a_t0, grad_y0_saved)
     # With nothing to integrate, `theta_sum` is the (args, term) tree of `None`s.

@@ -50,6 +50,13 @@ METHODS = {
         "gqdiffrax.GQAdjoint: adjoint of [z, a_z], Gauss-Legendre quadrature for the "
         "parameters",
     ),
+    "gq-stop": MethodInfo(
+        "GQ (stop at saves)",
+        "ode",
+        "tab:cyan",
+        "gqdiffrax.GQAdjoint(saves='stop'): the backward solve stops at every save "
+        "time (before 2026-11-30, the only way); for comparison with 'gq'",
+    ),
     "sde-direct": MethodInfo(
         "SDE Direct",
         "sde",
@@ -72,7 +79,11 @@ METHODS = {
         "gqdiffrax.ReversibleAdjoint with diffrax.ReversibleHeun",
     ),
 }
-ODE_METHODS = tuple(m for m, info in METHODS.items() if info.kind == "ode")
+# The ODE methods every training task runs by default; "gq-stop" only on request.
+ODE_METHODS = tuple(
+    m for m, info in METHODS.items() if info.kind == "ode" and m != "gq-stop"
+)
+ODE_CHOICES = ODE_METHODS + ("gq-stop",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +119,8 @@ def adjoint_for(solve: Solve) -> dfx.AbstractAdjoint:
             if solve.C is None:
                 return gqdiffrax.GQAdjoint()
             return gqdiffrax.GQAdjoint(C=solve.C)
+        case "gq-stop":
+            return gqdiffrax.GQAdjoint(C=solve.C, saves="stop")
         case "reversible" | "reversible-heun":
             return gqdiffrax.ReversibleAdjoint()
     raise ValueError(f"unknown method {solve.method!r}")

@@ -21,7 +21,7 @@ import jax.random as jr
 import numpy as np
 
 from . import _figures
-from ._methods import ODE_METHODS, ode_solve
+from ._methods import ODE_CHOICES, ODE_METHODS, ode_solve
 from ._task import add_options, presets, Result, Task, training_summary, UsageError
 from ._train import Data, lr_from_table, Run, run_grid
 
@@ -141,5 +141,5 @@ def run(args) -> Result:
 
 
 TASK = Task(
-    "sines", __doc__, PRESETS, run, ODE_METHODS, training=True, arguments=add_arguments
+    "sines", __doc__, PRESETS, run, ODE_CHOICES, training=True, arguments=add_arguments
 )

@@ -39,6 +39,7 @@ from .helpers import (
 _ADJOINTS = {
     "gq": gqdiffrax.GQAdjoint(C=10.0),
     "gq-default": gqdiffrax.GQAdjoint(),
+    "gq-cross": gqdiffrax.GQAdjoint(saves="cross"),
     "rca": dfx.RecursiveCheckpointAdjoint(),
 }
 
@@ -143,6 +144,38 @@ def test_saveat_grid(combo, adaptive):
                 assert float(t1) == 0
             if not combo[2]:
                 assert float(jnp.max(jnp.abs(ts))) == 0
+
+
+# The backward solve stepping across save times (`saves="cross"`): every SaveAt
+# combination with `ts` (without, there is nothing to cross), every save-time pattern
+# (touching the ends, repeated) and both directions, with constant steps (the backward
+# steps then fall elsewhere than the forward's) and adaptive ones; and Euler and Dopri8,
+# whose dense outputs (linear, and the 7th-order interpolant) carry the save times'
+# cotangents into a step.
+_CROSS_GRID = (
+    [("Tsit5", combo, False) for combo in _COMBOS if combo[2]]
+    + [("Tsit5", (True, True, True), True), ("Euler", (False, True, True), False)]
+    + [("Dopri8", (True, False, True), True)]
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "solver, combo, adaptive",
+    _CROSS_GRID,
+    ids=[
+        f"{s}-{_combo_id(c)}-{'adaptive' if a else 'constant'}"
+        for s, c, a in _CROSS_GRID
+    ],
+)
+def test_saveat_grid_crossing_saves(solver, combo, adaptive):
+    bound = grad_bound(SOLVERS_BY_NAME[solver], adaptive)
+    for direction in (1, -1):
+        for kind in _kinds(combo):
+            got, _ = _compare(
+                "gq-cross", solver, adaptive, combo, direction, kind, jnp.float64, bound
+            )
+            assert float(jnp.max(jnp.abs(got[0].weight))) > 1e-2
 
 
 # One solver of each structure besides Tsit5 (which runs the whole grid above): no

@@ -1,8 +1,9 @@
-"""Property-based test: GQAdjoint(C=10) agrees with RecursiveCheckpointAdjoint on random
-configurations (issue 13, §4).
+"""Property-based test: GQAdjoint(C=10), and GQAdjoint(saves="cross"), agree with
+RecursiveCheckpointAdjoint on random configurations (issue 13, §4).
 
 A configuration has a *structure* (state pytree, args pytree with non-array leaves,
-SaveAt combination, solver from the shared list, constant or adaptive steps, dtype)
+SaveAt combination, solver from the shared list, constant or adaptive steps, dtype,
+number of save times, and which of the two GQ adjoints)
 and *data* (direction, horizon, save times with ties and touching the ends, the
 initial state). Compilation dominates the cost, so structures are drawn from a pool and
 each structure compiles once (`_grad_fn` is cached); the data varies freely. The fast
@@ -46,6 +47,8 @@ from .helpers import (
 
 _ADJOINTS = {
     "gq": gqdiffrax.GQAdjoint(C=10.0),
+    # The backward solve stepping across save times.
+    "gq-cross": gqdiffrax.GQAdjoint(saves="cross"),
     "rca": dfx.RecursiveCheckpointAdjoint(),
     # The same, at a tolerance far below the bound: the exact gradient.
     "exact": dfx.RecursiveCheckpointAdjoint(),
@@ -111,7 +114,7 @@ def _args(kind, scale, dtype):
 # them (hundreds) crashed XLA's compiler in the worker (a segmentation fault).
 @ft.lru_cache(maxsize=6)
 def _grad_fn(adjoint, structure):
-    state, args_kind, combo, solver, adaptive, dtype, num_ts = structure
+    state, args_kind, combo, solver, adaptive, dtype, num_ts, _ = structure
     case = SOLVERS_BY_NAME[solver]
     save_t0, save_t1, save_ts = combo
 
@@ -143,7 +146,7 @@ def _grad_fn(adjoint, structure):
 
 
 def _bound(structure):
-    _, _, _, solver, adaptive, dtype, _ = structure
+    _, _, _, solver, adaptive, dtype, _, _ = structure
     case = SOLVERS_BY_NAME[solver]
     bound = case.adaptive_bound if adaptive else case.const_bound
     return max(bound, FLOAT32_BOUND) if dtype == "float32" else bound
@@ -159,8 +162,9 @@ _SOLVER_STEPS = [(c.name, False) for c in SOLVERS] + [
 # The fast tier's pool: two structures that between them cover nested and scalar
 # states, mixed args, two SaveAt combinations, both dtypes and adaptive steps.
 _FAST_POOL = [
-    ("nested", "nested-mixed", (True, True, True), "Tsit5", True, "float64", 3),
-    ("scalar", "dict-mixed", (False, False, True), "Dopri5", True, "float32", 3),
+    ("nested", "nested-mixed", (True, True, True), "Tsit5", True, "float64", 3, "gq"),
+    ("scalar", "dict-mixed", (False, False, True), "Dopri5", True, "float32", 3, "gq"),
+    ("tuple", "array", (True, False, True), "Dopri5", True, "float64", 16, "gq-cross"),
 ]
 
 _full_structures = st.tuples(
@@ -169,8 +173,9 @@ _full_structures = st.tuples(
     st.sampled_from(_COMBOS),
     st.sampled_from(_SOLVER_STEPS),
     st.sampled_from(["float64", "float32"]),
-    st.sampled_from([1, 3]),
-).map(lambda s: (s[0], s[1], s[2], s[3][0], s[3][1], s[4], s[5]))
+    st.sampled_from([1, 3, 16]),
+    st.sampled_from(["gq", "gq-cross"]),
+).map(lambda s: (s[0], s[1], s[2], s[3][0], s[3][1], s[4], s[5], s[6]))
 
 # Save-time fractions of the horizon: the ends, ties and anything in between.
 _fraction = st.one_of(
@@ -181,7 +186,7 @@ _fraction = st.one_of(
 @st.composite
 def _configs(draw, structures):
     structure = draw(structures)
-    num_ts = structure[-1]
+    num_ts = structure[6]
     data = dict(
         direction=draw(st.sampled_from([1, -1])),
         t_start=draw(st.sampled_from([0.0, -0.5, 1.0])),
@@ -194,7 +199,7 @@ def _configs(draw, structures):
 
 
 def _inputs(structure, data):
-    state, args_kind, _, _, _, dtype, _ = structure
+    state, args_kind, _, _, _, dtype, _, _ = structure
     dtype = jnp.dtype(dtype)
     y0 = _state(state, data["values"], dtype)
     args, read = _args(args_kind, data["scale"], dtype)
@@ -210,7 +215,7 @@ def _inputs(structure, data):
 
 def _check(structure, data):
     inputs = _inputs(structure, data)
-    got = _grad_fn("gq", structure)(*inputs)
+    got = _grad_fn(structure[-1], structure)(*inputs)
     want = _grad_fn("rca", structure)(*inputs)
     errors = grad_errors(got, want)
     bound = _bound(structure)
@@ -232,7 +237,7 @@ def _check(structure, data):
 # constant-step bound of Tsit5 in tests/helpers.py is now 1e-9.
 _REGRESSIONS = [
     (
-        ("tuple", "array", (False, False, True), "Tsit5", False, "float64", 1),
+        ("tuple", "array", (False, False, True), "Tsit5", False, "float64", 1, "gq"),
         dict(
             direction=1,
             t_start=0.0,
@@ -254,7 +259,8 @@ _REGRESSIONS = [
         ),
     ),
     (
-        ("tuple", "tuple-mixed", (False, True, True), "Bosh3", False, "float64", 3),
+        ("tuple", "tuple-mixed", (False, True, True), "Bosh3", False, "float64", 3)
+        + ("gq",),
         dict(
             direction=1,
             t_start=-0.5,
@@ -268,7 +274,7 @@ _REGRESSIONS = [
     # state starting almost at rest. GQ is within 2.6e-6 of the exact gradient, the
     # direct method 1.5e-4 off it: the direct method's error, now judged that way.
     (
-        ("nested", "array", (False, False, True), "Dopri5", True, "float64", 3),
+        ("nested", "array", (False, False, True), "Dopri5", True, "float64", 3, "gq"),
         dict(
             direction=1,
             t_start=0.0,
