@@ -25,8 +25,9 @@ measurements):
   from 16 of them), the backward solve stops only at the split times. A step that
   spans save times adds their cotangents at its start through the VJP of one forward
   step and its dense output (`_cross`), and the quadrature is a rule on every backward
-  step. The backward pass then takes about the forward's number of steps instead of at
-  least one per save time.
+  step. Steps are shortened to end on the last save time they reach, where $z$ is reset
+  to its forward value. The backward pass then takes about the forward's number of
+  steps instead of at least one per save time.
 - **Quadrature sum.** $\int a_z^\top \partial f/\partial\theta\,dt$ over the interval
   is one VJP of the vector field `vmap`-ed over the nodes, in chunks of at most
   `node_chunk` (`_quadrature.make_node_sum`). $n_k$ comes from the node rule
@@ -126,7 +127,12 @@ class GQAdjoint(dfx.AbstractAdjoint):
 
     and never fewer than the paper's rule
     $n_k = \lceil C \cdot \mathrm{NFE} \cdot (t_k - t_{k-1}) / (t_1 - t_0) \rceil$
-    at $C = 0.1$. Passing `C` selects the paper's rule alone. Memory is that of the
+    at $C = 0.1$. Passing `C` selects the paper's rule alone. With 16 or more save times
+    the backward solve steps across them instead of stopping at each (`saves="cross"`):
+    a step adds the cotangents $\partial L/\partial z(t_k)$ of the save times it spans
+    through the VJP of one forward step and its dense output, and a Gauss rule
+    integrates every backward step, so a time series costs about the forward's number
+    of backward steps, not one per save time. Memory is that of the
     adjoint method (constant in the number of steps); the backward pass does not carry
     the parameter-sized $a_\theta$ through every solver stage, which makes it much
     faster than [`diffrax.BacksolveAdjoint`][] for models with many parameters.
@@ -378,12 +384,14 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
     save times: the backward solve stops only at split times (`jump_ts`, a control's
     knots, `checkpoints`), and each step adds the cotangents of the save times it spans
     through the VJP of one forward step from its start and that step's dense output,
-    which is how the forward pass produced those outputs. The quadrature is then a rule
+    which is how the forward pass produced those outputs; a step is shortened to end on
+    the last save time it reaches, and resets $z$ there. The quadrature is then a rule
     on every backward step (`quadrature="step"`). Stopping costs at least one backward
     step per save time; crossing costs, per backward step, a Gauss rule and, if it
     spans a save time, one forward step and its VJP. So crossing wins when the save
-    times outnumber the forward steps (a time series saved at 50 times, solved in 5
-    steps: 4× faster), and stopping when they are few. `None` (the default) is
+    times outnumber the forward steps (a time series saved at 50 times and solved in 5
+    steps took 5.7 times the direct method's time stopping, 1.12 times crossing), and
+    stopping when they are few. `None` (the default) is
     `"cross"` with 16 or more save times `ts`, or when the quadrature is `"step"`
     anyway (kinks, `jump_ts`, knots), and `"stop"` otherwise or when `C` or
     `quadrature="interval"` is given.

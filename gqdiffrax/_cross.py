@@ -25,8 +25,20 @@ produced $y(t_k)$. So one VJP of that step gives both, however many save times t
 spans. The backward step sizes are those the step-size control of $[z, a_c]$ chooses,
 which on a smooth solution are about the forward's.
 
-After an injection $a_z$ has jumped at $s$, so an FSAL solver's stored last stage is
-stale: the next step evaluates its first stage afresh (it is told it made a jump).
+The interpolant the injection differentiates is less accurate between the step's ends
+than at them. At the spanned save times the forward step's interpolant and the backward
+step's (from the backward step's own $z(s)$ and $z(e)$) approximate the same $z(t_k)$;
+their difference joins the step's error estimate for $z$, so the step-size control
+shortens steps whose interpolants disagree.
+
+The backward re-solve of $z$ drifts from the forward solution (exponentially, on
+contracting dynamics). The backward step-size controller (`_adjoint._BackwardController`
+with `stops`) shortens a step that would span save times to end on the last of them it
+reaches, and the step resets $z$ there to the forward state.
+
+After an injection (or a reset) the state has jumped at $s$, so an FSAL solver's stored
+last stage is stale: the next step evaluates its first stage afresh (it is told it made
+a jump).
 """
 
 from collections.abc import Callable

@@ -650,9 +650,10 @@ def test_control_derivative_with_jump_ts(getkey, interpolation):
     assert_tree_allclose(g_gq, g_direct, rtol=1e-5, atol=1e-7)
 
 
-def _dissipative_grad(adjoint, rtol=1e-6, atol=1e-9):
-    # dy/dt = -2 y + 0.5 sin(y) over [0, 10]: the backward re-solve of z runs against
-    # the contraction and amplifies its errors like e^{1.5 t}.
+def _dissipative_grad(adjoint, rtol=1e-6, atol=1e-9, k=2.0, ts=None):
+    # dy/dt = -k y + 0.5 sin(y) over [0, 10]: the backward re-solve of z runs against
+    # the contraction and amplifies its errors like e^{(k - 0.5) t}. The loss is the
+    # sum of y(10), or with save times `ts`, of y at the first and the last.
     def loss(p):
         y0, args = p
         sol = dfx.diffeqsolve(
@@ -663,13 +664,15 @@ def _dissipative_grad(adjoint, rtol=1e-6, atol=1e-9):
             None,
             y0,
             args,
+            saveat=dfx.SaveAt(t1=True) if ts is None else dfx.SaveAt(ts=ts),
             stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
             adjoint=adjoint,
             max_steps=100_000,
         )
-        return jnp.sum(sol.ys[-1])
+        first = 0 if ts is None else jnp.sum(sol.ys[0])
+        return jnp.sum(sol.ys[-1]) + first
 
-    p = (jnp.array([1.0, -2.0, 3.0]), jnp.array([2.0, 0.5]))
+    p = (jnp.array([1.0, -2.0, 3.0]), jnp.array([k, 0.5]))
     return jax.jit(jax.grad(loss))(p)
 
 
@@ -947,3 +950,15 @@ def test_default_saves_follow_the_number_of_save_times():
         grad, inputs = _series_grad(gqdiffrax.GQAdjoint(), num_ts)
         explicit, _ = _series_grad(gqdiffrax.GQAdjoint(saves=saves), num_ts)
         assert_tree_allclose(grad(inputs), explicit(inputs), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_crossing_saves_resets_z_on_contracting_dynamics():
+    # k = 5, saved 50 times over [0.5, 10]: re-solving z backwards amplifies its errors
+    # like e^{4.5 t}. Steps that end on save times reset z, so the gradient stays at
+    # the tolerance (1.0e-6; without the resets it was off by 4e10, and stopping at
+    # every save time gives 9e-4).
+    ts = jnp.linspace(0.5, 10.0, 50)
+    exact = _dissipative_grad(dfx.RecursiveCheckpointAdjoint(), 1e-12, 1e-15, 5.0, ts)
+    cross = _dissipative_grad(gqdiffrax.GQAdjoint(), 1e-6, 1e-9, 5.0, ts)
+    assert _relative_error(cross, exact) < 1e-5
