@@ -386,7 +386,7 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
     spans a save time, one forward step and its VJP. So crossing wins when the save
     times outnumber the forward steps (a time series saved at 50 times and solved in 5
     steps took 5.7 times the direct method's time stopping, 1.12 times crossing), and
-    stopping when they are few (with 2 to 8 save times crossing took 10 to 25% longer).
+    stopping when they are few (with 2 to 8 save times crossing took 9 to 25% longer).
     Crossing is also the more robust: one Gauss rule per interval assumes the forward
     steps are spread evenly over it, and a fast transient inside an interval breaks
     that (a gradient off by 9e-4 at `rtol=1e-6`, where crossing is within 1e-6).
@@ -817,7 +817,7 @@ def _gq_loop_bwd(
     # Step across save times (`_cross`), or stop at every one.
     saves = self.saves
     if saves is None:
-        # Crossing whenever there are save times: it costs 10-25% more than stopping
+        # Crossing whenever there are save times: it costs 9-25% more than stopping
         # with 2 to 8 of them, but one Gauss rule per interval assumes the forward
         # steps are spread evenly, and a fast transient inside an interval breaks that
         # (`test_default_crosses_a_fast_transient`); crossing integrates every step.
