@@ -802,7 +802,7 @@ def _gq_loop_bwd(
     node_sum = make_node_sum(f_theta, min(self.node_chunk, self.max_nodes))
 
     quadrature = self.quadrature
-    if quadrature is None and self.saves != "cross":
+    if quadrature is None:
         smooth = self.C is not None or not (
             jump_times(stepsize_controller) is not None
             or knots is not None
