@@ -7,7 +7,7 @@ smooth the solution: a time series saved 50 times takes 50 or more backward step
 the forward solve took a handful.
 
 Instead the backward solve steps across save times. Over one backward step from $e$
-down to $s$ that spans the save times $s < t_k \le e$, the adjoint equation is linear,
+down to $s$ that spans the save times $s \le t_k < e$, the adjoint equation is linear,
 so the adjoint splits into the part carried from $e$,
 $a_c(t) = \Phi(e, t)^\top a(e)$ with $\Phi(e, t) = \partial y(e)/\partial y(t)$, smooth
 on the step, and the parts started at each $t_k$:
