@@ -802,7 +802,9 @@ def _gq_loop_bwd(
     node_sum = make_node_sum(f_theta, min(self.node_chunk, self.max_nodes))
 
     quadrature = self.quadrature
-    if quadrature is None:
+    # The default steps across save times whatever the field (below): no kink test.
+    crosses_anyway = self.saves is None and self.C is None and num_ts > 0
+    if quadrature is None and not crosses_anyway:
         smooth = self.C is not None or not (
             jump_times(stepsize_controller) is not None
             or knots is not None
