@@ -21,11 +21,9 @@ NOTEBOOKS = sorted((pathlib.Path(__file__).parents[1] / "notebooks").glob("*.ipy
 # Seconds one cell may take; compiling a gradient takes most of it.
 CELL_TIMEOUT = 300
 KERNEL_NAME = "gqdiffrax-tests"
-# Extra environment for particular notebooks: the sharding notebook runs on a CPU split
-# into two devices, so that its multi-device code path is exercised.
-EXTRA_ENV = {
-    "05_gpu_training": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
-}
+# Extra XLA flags for particular notebooks, added to conftest's: the sharding notebook
+# runs on a CPU split into two devices, so that its multi-device code path is exercised.
+EXTRA_FLAGS = {"05_gpu_training": "--xla_force_host_platform_device_count=2"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +59,8 @@ def test_notebooks_stored_executed():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs(path, kernel_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(kernel_dir))
-    env = dict(os.environ, GQDIFFRAX_NOTEBOOK_SMALL="1", **EXTRA_ENV.get(path.stem, {}))
+    flags = f"{os.environ.get('XLA_FLAGS', '')} {EXTRA_FLAGS.get(path.stem, '')}"
+    env = dict(os.environ, GQDIFFRAX_NOTEBOOK_SMALL="1", XLA_FLAGS=flags.strip())
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,
