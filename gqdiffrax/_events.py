@@ -55,8 +55,10 @@ def event_conditions(event: dfx.Event, y0, args, **kwargs) -> Any:
         raise ValueError(
             f"{_NAME} differentiates an event's time, which needs it located exactly: "
             "pass a root finder, e.g. `diffrax.Event(cond_fn, "
-            "root_finder=optimistix.Newton(rtol=1e-8, atol=1e-8))`. Without one the "
-            "solve stops at the end of a step, and the event time has no gradient."
+            "root_finder=optimistix.Newton(rtol=1e-8, atol=1e-8))` in float64 (about "
+            "1e-5 in float32, whose rounding a tighter tolerance cannot get under). "
+            "Without one the solve stops at the end of a step, and the event time has "
+            "no gradient."
         )
     t0 = kwargs["t0"]
 
