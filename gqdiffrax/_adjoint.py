@@ -317,13 +317,13 @@ class GQAdjoint(dfx.AbstractAdjoint):
             )
             event = (event.root_finder, event.direction)
 
-        # `eqx.filter_custom_vjp` differentiates only `diff`; a keyword argument that
+        # `eqx.filter_custom_vjp` differentiates only `diff`; an array in `spec` that
         # carries a JVP tracer is an error. Some of these do depend on differentiated
         # inputs: `init_state` holds the first step size and the solver's cached
         # f(t0, y0), and `dt0` may be computed from `t1`. Their derivatives are not
         # wanted: the continuous adjoint gives the gradient of the exact solution,
         # which depends on neither.
-        data = nondiff(
+        arrays = nondiff(
             dict(
                 init_state=eqx.tree_at(lambda s: s.y, init_state, object()),
                 saveat=saveat,
@@ -333,17 +333,17 @@ class GQAdjoint(dfx.AbstractAdjoint):
                 event=event,
             )
         )
-        diff = (y0, args, term, t0, t1, ts, conds)
-        final_state, aux_stats = _gq_loop(
-            diff,
-            self=self,
+        spec = _Solve(
+            adjoint=self,
             solver=solver,
             order=solver.order(terms),
             max_steps=max_steps,
             throw=throw,
             progress_meter=progress_meter,
-            **data,
+            **arrays,
         )
+        diff = (y0, args, term, t0, t1, ts, conds)
+        final_state, aux_stats = _gq_loop(diff, spec)
         out = only_transpose_ys(final_state)
         if conds is not None:
             # The event time is an output: its gradient is part of the adjoint's.
@@ -550,32 +550,46 @@ def _user_rows(subs, num_ts, num_fwd_ts, user_pos):
     return jnp.concatenate(rows)
 
 
-def _forward(
-    diff,
-    *,
-    self,
-    solver,
-    order,
-    stepsize_controller,
-    saveat,
-    dt0,
-    max_steps,
-    throw,
-    init_state,
-    direction,
-    event,
-    progress_meter,
-):
+class _Solve(eqx.Module):
+    """What the forward solve and its backward pass share besides the differentiated
+    inputs: the solve as `diffeqsolve` set it up. Its arrays are cut out of autodiff
+    (`GQAdjoint.loop`)."""
+
+    adjoint: "GQAdjoint"
+    solver: dfx.AbstractSolver
+    order: int
+    stepsize_controller: dfx.AbstractStepSizeController
+    saveat: dfx.SaveAt
+    dt0: typing.Any
+    max_steps: int | None
+    throw: bool
+    init_state: typing.Any
+    direction: typing.Any
+    event: typing.Any
+    progress_meter: typing.Any
+
+
+def _save_times(diff, spec: _Solve):
+    """The control's knots, the split times, the forward's save times (the user's
+    and the split times, sorted) and where the user's are among them."""
+    _, args, term, t0, t1, ts, _ = diff
+    knots = knot_times(term, args)
+    subs = spec.saveat.subs
+    checkpoints = spec.adjoint.checkpoints
+    extra = _split_times(t0, t1, ts, subs, spec.stepsize_controller, checkpoints, knots)
+    fwd_ts, user_pos = _merge(ts, extra)
+    return knots, extra, fwd_ts, user_pos
+
+
+def _forward(diff, spec: _Solve):
     """The forward solve: the final state as the user sees it, its statistics, and
     the save state at every save and split time (the residuals of the backward
     pass)."""
-    del throw, order
     y0, args, term, t0, t1, ts, conds = diff
+    saveat = spec.saveat
     subs = saveat.subs
-    knots = knot_times(term, args)
-    extra = _split_times(t0, t1, ts, subs, stepsize_controller, self.checkpoints, knots)
-    fwd_ts, user_pos = _merge(ts, extra)
-    init_state = eqx.tree_at(lambda s: s.y, init_state, y0)
+    _, extra, fwd_ts, user_pos = _save_times(diff, spec)
+    init_state = eqx.tree_at(lambda s: s.y, spec.init_state, y0)
     if extra is not None:
         saveat = eqx.tree_at(
             lambda s: s.subs.ts, saveat, fwd_ts, is_leaf=lambda x: x is None
@@ -590,21 +604,21 @@ def _forward(
             jtu.tree_map(grow, (init_state.save_state.ts, init_state.save_state.ys)),
         )
     final_state, aux_stats = lax_loop(
-        self._loop,
+        spec.adjoint._loop,
         args=args,
-        terms=WrapTerm(term, direction),
-        solver=solver,
-        stepsize_controller=stepsize_controller,
-        event=None if conds is None else as_event(conds, *event),
+        terms=WrapTerm(term, spec.direction),
+        solver=spec.solver,
+        stepsize_controller=spec.stepsize_controller,
+        event=None if conds is None else as_event(conds, *spec.event),
         saveat=saveat,
         t0=t0,
         t1=t1,
-        dt0=dt0,
-        max_steps=max_steps,
+        dt0=spec.dt0,
+        max_steps=spec.max_steps,
         init_state=init_state,
-        progress_meter=progress_meter,
+        progress_meter=spec.progress_meter,
     )
-    nfe = _forward_nfe(solver, final_state.num_steps)
+    nfe = _forward_nfe(spec.solver, final_state.num_steps)
     aux_stats = {**aux_stats, "num_fevals": nfe}
     if extra is None:
         return final_state, aux_stats, final_state.save_state
@@ -628,15 +642,15 @@ def _forward(
 
 
 @eqx.filter_custom_vjp
-def _gq_loop(diff, **kwargs):
-    final_state, aux_stats, _ = _forward(diff, **kwargs)
+def _gq_loop(diff, spec):
+    final_state, aux_stats, _ = _forward(diff, spec)
     return final_state, aux_stats
 
 
 @_gq_loop.def_fwd
-def _gq_loop_fwd(perturbed, diff, **kwargs):
+def _gq_loop_fwd(perturbed, diff, spec):
     _check_perturbed(perturbed)
-    final_state, aux_stats, save_state = _forward(diff, **kwargs)
+    final_state, aux_stats, save_state = _forward(diff, spec)
     residuals = (
         save_state.ys,
         save_state.ts,
@@ -694,40 +708,19 @@ def _max_steps_error(x, failed, need, max_steps):
 
 
 @_gq_loop.def_bwd
-def _gq_loop_bwd(
-    residuals,
-    grad_out,
-    perturbed,
-    diff,
-    *,
-    self,
-    solver,
-    order,
-    stepsize_controller,
-    saveat,
-    dt0,
-    max_steps,
-    throw,
-    init_state,
-    direction,
-    event,
-    progress_meter,
-):
-    del init_state, progress_meter, event
-    self = typing.cast(GQAdjoint, self)
+def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
+    adjoint = spec.adjoint
     ys, saved_ts, event_mask, nfe, num_steps = residuals
     y0, args, term, t0, t1, ts, conds = diff
     p_y0, p_args, p_term, p_t0, p_t1, p_ts, p_conds = perturbed
     del p_y0
-    f = _wrapped_vf(term, direction)
-    subs = saveat.subs
+    f = _wrapped_vf(term, spec.direction)
+    subs = spec.saveat.subs
 
     # The forward's save and split times after t0, in order, with their states and
     # cotangents; a split time's cotangent is zero. A `SaveAt(t0=True)` output is y0
     # itself: its cotangent goes straight to y0.
-    knots = knot_times(term, args)
-    extra = _split_times(t0, t1, ts, subs, stepsize_controller, self.checkpoints, knots)
-    fwd_ts, user_pos = _merge(ts, extra)
+    knots, extra, fwd_ts, user_pos = _save_times(diff, spec)
     num_ts = 0 if ts is None else ts.shape[0]
     num_fwd_ts = 0 if fwd_ts is None else fwd_ts.shape[0]
     rows = _user_rows(subs, num_ts, num_fwd_ts, user_pos)
@@ -746,7 +739,7 @@ def _gq_loop_bwd(
     )
     y_after = jtu.tree_map(lambda x: x[offset:], ys)
     g_after = jtu.tree_map(lambda x: x[offset:], grad_ys)
-    grad_y0_saved = t0_cotangent(saveat, grad_ys, y0)
+    grad_y0_saved = t0_cotangent(spec.saveat, grad_ys, y0)
     if conds is not None:
         # The event time's dependence on the parameters: a different terminal
         # adjoint, and direct terms (`_events`).
@@ -769,24 +762,30 @@ def _gq_loop_bwd(
         (a_dot,) = vjp_z(a)
         return fz, jtu.tree_map(jnp.negative, a_dot)
 
-    adaptive = isinstance(stepsize_controller, dfx.AbstractAdaptiveStepSizeController)
+    adaptive = isinstance(
+        spec.stepsize_controller, dfx.AbstractAdaptiveStepSizeController
+    )
     if adaptive:
         first_dt = (t_end - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
     else:
-        first_dt = dt0
+        first_dt = spec.dt0
     lengths = times[1:] - times[:-1]
     counts = num_nodes(
-        _PAPER_C if self.C is None else self.C, nfe, lengths, t_end - t0, self.max_nodes
+        _PAPER_C if adjoint.C is None else adjoint.C,
+        nfe,
+        lengths,
+        t_end - t0,
+        adjoint.max_nodes,
     )
-    if self.C is None:
-        rtol = stepsize_controller.rtol if adaptive else None
+    if adjoint.C is None:
+        rtol = spec.stepsize_controller.rtol if adaptive else None
         by_tolerance = tolerance_nodes(
             num_steps,
             lengths,
             t_end - t0,
-            order=order,
+            order=spec.order,
             rtol=rtol,
-            max_nodes=self.max_nodes,
+            max_nodes=adjoint.max_nodes,
         )
         counts = jnp.maximum(counts, by_tolerance)
 
@@ -799,59 +798,61 @@ def _gq_loop_bwd(
         return _wrapped_vf(term_, direction_)(t, z, args_)
 
     # Every piece ends at or before row n <= max_nodes: the rows need no padding.
-    node_sum = make_node_sum(f_theta, min(self.node_chunk, self.max_nodes))
+    node_sum = make_node_sum(f_theta, min(adjoint.node_chunk, adjoint.max_nodes))
 
-    quadrature = self.quadrature
+    quadrature = adjoint.quadrature
     # The default steps across save times whatever the field (below): no kink test.
-    crosses_anyway = self.saves is None and self.C is None and num_ts > 0
+    crosses_anyway = adjoint.saves is None and adjoint.C is None and num_ts > 0
     if quadrature is None and not crosses_anyway:
-        smooth = self.C is not None or not (
-            jump_times(stepsize_controller) is not None
+        smooth = adjoint.C is not None or not (
+            jump_times(spec.stepsize_controller) is not None
             or knots is not None
             or has_kinks(
                 lambda t, y, args_, term_, d: _wrapped_vf(term_, d)(t, y, args_),
                 t0,
                 y0,
-                (args, term, direction),
+                (args, term, spec.direction),
             )
         )
         quadrature = "interval" if smooth else "step"
     # Step across save times (`_cross`), or stop at every one.
-    saves = self.saves
+    saves = adjoint.saves
     if saves is None:
         # Crossing whenever there are save times: it costs 9-25% more than stopping
         # with 2 to 8 of them, but one Gauss rule per interval assumes the forward
         # steps are spread evenly, and a fast transient inside an interval breaks that
         # (`test_default_crosses_a_fast_transient`); crossing integrates every step.
-        chosen = self.C is None and self.quadrature is None
+        chosen = adjoint.C is None and adjoint.quadrature is None
         saves = "cross" if quadrature == "step" or chosen else "stop"
     cross = saves == "cross" and num_ts > 0
     if cross:
         quadrature = "step"
-    controller = _BackwardController(stepsize_controller, row_ts if cross else None)
+    controller = _BackwardController(
+        spec.stepsize_controller, row_ts if cross else None
+    )
     per_step = want_theta and quadrature == "step"
     if per_step:
 
         def integrand(t, z, weighted_a):
             _, vjp = jax.vjp(
                 lambda th: jax.vmap(
-                    lambda t_, z_: f_theta(th, theta_arrays, direction, t_, z_)
+                    lambda t_, z_: f_theta(th, theta_arrays, spec.direction, t_, z_)
                 )(t, z),
                 theta,
             )
             (g,) = vjp(weighted_a)
             return g
 
-        x, w = gauss_legendre(max(1, math.ceil((order + 1) / 2)))
+        x, w = gauss_legendre(max(1, math.ceil((spec.order + 1) / 2)))
         backward_solver = StepQuadrature(
-            solver,
+            spec.solver,
             integrand,
             jtu.tree_map(jnp.zeros_like, theta),
             tuple(float(v) for v in x),
             tuple(float(v) for v in w),
         )
     else:
-        backward_solver = solver
+        backward_solver = spec.solver
 
     def interval(carry, xs):
         a, dt, theta_sum, failed, need = carry
@@ -859,8 +860,10 @@ def _gq_loop_bwd(
         a = jtu.tree_map(jnp.add, a, g_end)
         if cross:
             inject = save_time_injector(
-                solver,
-                lambda theta_, t, z: f_theta(theta_, theta_arrays, direction, t, z),
+                spec.solver,
+                lambda theta_, t, z: f_theta(
+                    theta_, theta_arrays, spec.direction, t, z
+                ),
                 theta,
                 row_ts,
                 y_after,
@@ -871,7 +874,7 @@ def _gq_loop_bwd(
             solver_ = CrossSaves(backward_solver, inject)
         else:
             solver_ = backward_solver
-        node_ts, node_ws = interval_rule(n, t_start, t_end, self.max_nodes)
+        node_ts, node_ws = interval_rule(n, t_start, t_end, adjoint.max_nodes)
         # Solve from one ULP inside each end. A split time may be a jump of the
         # field (`jump_ts`), where its value depends on the side it is evaluated
         # from; the forward solve steps to either side of a jump, and so does this.
@@ -895,7 +898,7 @@ def _gq_loop_bwd(
             ),
             stepsize_controller=controller,
             adjoint=_ForwardOnly(),
-            max_steps=max_steps,
+            max_steps=spec.max_steps,
             throw=False,
         )
         zs, as_ = sol.ys
@@ -914,7 +917,7 @@ def _gq_loop_bwd(
             theta_sum = node_sum(
                 theta,
                 theta_arrays,
-                direction,
+                spec.direction,
                 theta_sum,
                 node_ts,
                 node_ws,
@@ -986,8 +989,8 @@ def _gq_loop_bwd(
             grad_t1 = jnp.zeros_like(t1)
 
     grads = (grad_y0, grad_args, grad_term, grad_t0, grad_t1, grad_ts, grad_conds)
-    if throw:
-        return _max_steps_error(grads, failed, need, max_steps)
+    if spec.throw:
+        return _max_steps_error(grads, failed, need, spec.max_steps)
     # With `throw=False` a failed backward solve cannot raise; make its gradient
     # unmistakably invalid instead of silently wrong.
     nan_if_failed = lambda x: jnp.where(failed, jnp.nan, x) if eqx.is_array(x) else x
