@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 
 # The tests check values, not speed, and most of their time is XLA compiling the
@@ -6,18 +8,36 @@ import os
 # on one core, the gradient of a small MLP ODE compiled in 1.2 s instead of 3.2 s
 # (GQAdjoint) and 1.1 s instead of 4.0 s (RecursiveCheckpointAdjoint), and ran in the
 # same time to within noise. Appended to whatever `XLA_FLAGS` the caller set; processes
-# the tests start (CLI runs, notebooks, `jax.distributed` workers) inherit them. The
-# benchmark smoke runs check that the harness works, not its figures; benchmarks proper
-# run outside pytest, with XLA's defaults.
+# the tests start (pytest's workers, CLI runs, notebooks, `jax.distributed` workers)
+# inherit them. The benchmark smoke runs check that the harness works, not its figures;
+# benchmarks proper run outside pytest, with XLA's defaults.
 FAST_COMPILE_XLA_FLAGS = (
     "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true",
     "--xla_cpu_use_fusion_emitters=false",
 )
-_flags = os.environ.get("XLA_FLAGS", "").split()
-os.environ["XLA_FLAGS"] = " ".join(
-    _flags + [f for f in FAST_COMPILE_XLA_FLAGS if f not in _flags]
-)
+
+
+def _with_fast_compile_flags(flags: str) -> str:
+    """`flags` and the fast-compile flags, if this jaxlib knows them (XLA aborts the
+    process on an unknown flag, and these are internal ones that come and go)."""
+    have = flags.split()
+    added = [f for f in FAST_COMPILE_XLA_FLAGS if f not in have]
+    if not added:
+        return flags
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()",
+        ],
+        env={**os.environ, "XLA_FLAGS": " ".join(have + added)},
+        capture_output=True,
+    )
+    return " ".join(have + added) if probe.returncode == 0 else flags
+
+
+os.environ["XLA_FLAGS"] = _with_fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
 
 import jax
 import jax.random as jr
