@@ -8,13 +8,15 @@ $$\frac{dL}{d\theta} = \int_{t_0}^{t_K} a_z(t)^\top
 split at the save times (where $a_z$ jumps), at the step-size controller's `jump_ts`
 (where the user has said the vector field is not smooth) and at forward checkpoints. On
 each interval $[t_{k-1}, t_k]$ it is approximated with an $n_k$-point Gauss–Legendre
-rule, exact for polynomials of degree $2n_k - 1$. Two rules choose $n_k$; with
+rule, exact for polynomials of degree $2n_k - 1$ (`GQAdjoint(quadrature="interval")`,
+the paper's method; the default instead puts a $\lceil (p+1)/2 \rceil$-point rule on
+every backward step, `StepQuadrature`). Two rules choose $n_k$; with
 $\ell_k = t_k - t_{k-1}$, $T = t_1 - t_0$, NFE and $N$ the forward solve's vector-field
 evaluations and steps:
 
 - **The paper's rule** (`GQAdjoint(C=...)`):
   $n_k = \lceil C \cdot \mathrm{NFE} \cdot \ell_k / T \rceil$.
-- **The tolerance rule** (the default, `C=None`). An $n$-point rule on an interval of
+- **The tolerance rule** (`C=None`). An $n$-point rule on an interval of
   length $\ell$ has error $c_n\, \ell^{2n+1} g^{(2n)}(\xi)$ with
   $c_n = (n!)^4 / ((2n+1)((2n)!)^3)$. If the integrand varies on the time scale the
   solver resolves, $|g^{(m)}| \approx |g|\,\lambda^m$ with $\lambda h \approx \rho =

@@ -54,8 +54,9 @@ METHODS = {
         "GQ (stop at saves)",
         "ode",
         "tab:cyan",
-        "gqdiffrax.GQAdjoint(saves='stop'): the backward solve stops at every save "
-        "time (before 2026-11-30, the only way); for comparison with 'gq'",
+        "gqdiffrax.GQAdjoint(saves='stop', quadrature='interval'): the paper's method, "
+        "the backward solve stops at every save time and puts one Gauss rule on each "
+        "interval (the default before 2026-11-30); for comparison with 'gq'",
     ),
     "sde-direct": MethodInfo(
         "SDE Direct",
@@ -120,7 +121,7 @@ def adjoint_for(solve: Solve) -> dfx.AbstractAdjoint:
                 return gqdiffrax.GQAdjoint()
             return gqdiffrax.GQAdjoint(C=solve.C)
         case "gq-stop":
-            return gqdiffrax.GQAdjoint(C=solve.C, saves="stop")
+            return gqdiffrax.GQAdjoint(C=solve.C, saves="stop", quadrature="interval")
         case "reversible" | "reversible-heun":
             return gqdiffrax.ReversibleAdjoint()
     raise ValueError(f"unknown method {solve.method!r}")

@@ -11,9 +11,10 @@ Three ways of computing $dL/d\theta$ through the same `diffrax.diffeqsolve` are 
   adjoint that carries $a_\theta$ through every backward stage;
 - `"gq"`: `gqdiffrax.GQAdjoint()` (or `GQAdjoint(C=...)` with `--C`), which solves
   only $[z, a_z]$ backwards and gets $dL/d\theta$ by Gauss–Legendre quadrature.
-- `"gq-stop"` (only when asked for): `GQAdjoint(saves="stop")`, whose backward solve
-  stops at every save time, as every GQ backward pass did before it learnt to step
-  across them; in regime (b) it is the "before" of that change.
+- `"gq-stop"` (only when asked for): `GQAdjoint(saves="stop", quadrature="interval")`,
+  the paper's method, whose backward solve stops at every save time and puts one Gauss
+  rule on each interval, as GQ's default did before 2026-11-30; in regime (b) it is the
+  "before" of stepping across save times, in (a) and (c) of a rule on every step.
 
 The model is a neural ODE $\dot y = f_\theta(t, y)$, $f_\theta$ a 2-hidden-layer
 softplus MLP of the given width applied to $[t, y]$, solved with `diffrax.Dopri5()` in

@@ -976,3 +976,44 @@ def test_default_crosses_a_fast_transient():
     exact = _dissipative_grad(dfx.RecursiveCheckpointAdjoint(), 1e-12, 1e-15, 5.0, ts)
     default = _dissipative_grad(gqdiffrax.GQAdjoint(), 1e-6, 1e-9, 5.0, ts)
     assert _relative_error(default, exact) < 1e-5
+
+
+def _transient_grad(adjoint, rtol, atol):
+    # dy/dt = -0.3 y + a0 exp(-400 t) cos(y) + a1 sin(y) on [0, 10], saved at t1 only:
+    # the forward steps crowd into the transient near t = 0.
+    def loss(p):
+        y0, args = p
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(
+                lambda t, y, a: (
+                    -0.3 * y
+                    + a[0] * jnp.exp(-400.0 * t) * jnp.cos(y)
+                    + a[1] * jnp.sin(y)
+                )
+            ),
+            dfx.Dopri5(),
+            0.0,
+            10.0,
+            None,
+            y0,
+            args,
+            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
+            adjoint=adjoint,
+            max_steps=100_000,
+        )
+        return jnp.sum(sol.ys[-1] ** 2)
+
+    p = (jnp.array([1.0, -2.0, 3.0]), jnp.array([20.0, 0.5]))
+    return jax.jit(jax.grad(loss))(p)
+
+
+def test_default_follows_the_tolerance_through_a_fast_transient():
+    # One interval: a single Gauss rule sizes its nodes as if the forward steps were
+    # spread evenly over [0, 10], and misses the transient they crowd into. Measured
+    # at rtol 1e-8 against the exact gradient: one rule 1.5e-5, the default (a rule
+    # on every backward step) 8.8e-9, BacksolveAdjoint 1.1e-8.
+    exact = _transient_grad(dfx.RecursiveCheckpointAdjoint(), 1e-12, 1e-14)
+    default = _transient_grad(gqdiffrax.GQAdjoint(), 1e-8, 1e-11)
+    interval = _transient_grad(gqdiffrax.GQAdjoint(quadrature="interval"), 1e-8, 1e-11)
+    assert _relative_error(default, exact) < 1e-7
+    assert _relative_error(interval, exact) > 1e-6
