@@ -650,14 +650,14 @@ def test_control_derivative_with_jump_ts(getkey, interpolation):
     assert_tree_allclose(g_gq, g_direct, rtol=1e-5, atol=1e-7)
 
 
-def _dissipative_grad(adjoint, rtol=1e-6, atol=1e-9, k=2.0, ts=None):
-    # dy/dt = -k y + 0.5 sin(y) over [0, 10]: the backward re-solve of z runs against
-    # the contraction and amplifies its errors like e^{(k - 0.5) t}. The loss is the
-    # sum of y(10), or with save times `ts`, of y at the first and the last.
+def _grad_on_0_10(field, loss_of_ys, args, adjoint, rtol, atol, ts=None):
+    """The gradient with respect to (y0, args) of `loss_of_ys(ys)` for a Dopri5 solve of
+    `field` over [0, 10] from y0 = (1, -2, 3), saved at `ts` or at t1."""
+
     def loss(p):
         y0, args = p
         sol = dfx.diffeqsolve(
-            dfx.ODETerm(lambda t, y, a: -a[0] * y + a[1] * jnp.sin(y)),
+            dfx.ODETerm(field),
             dfx.Dopri5(),
             0.0,
             10.0,
@@ -669,11 +669,22 @@ def _dissipative_grad(adjoint, rtol=1e-6, atol=1e-9, k=2.0, ts=None):
             adjoint=adjoint,
             max_steps=100_000,
         )
-        first = 0 if ts is None else jnp.sum(sol.ys[0])
-        return jnp.sum(sol.ys[-1]) + first
+        return loss_of_ys(sol.ys)
 
-    p = (jnp.array([1.0, -2.0, 3.0]), jnp.array([k, 0.5]))
-    return jax.jit(jax.grad(loss))(p)
+    return jax.jit(jax.grad(loss))((jnp.array([1.0, -2.0, 3.0]), args))
+
+
+def _dissipative_grad(adjoint, rtol=1e-6, atol=1e-9, k=2.0, ts=None):
+    # dy/dt = -k y + 0.5 sin(y) over [0, 10]: the backward re-solve of z runs against
+    # the contraction and amplifies its errors like e^{(k - 0.5) t}. The loss is the
+    # sum of y(10), or with save times `ts`, of y at the first and the last.
+    field = lambda t, y, a: -a[0] * y + a[1] * jnp.sin(y)
+    if ts is None:
+        loss_of_ys = lambda ys: jnp.sum(ys[-1])
+    else:
+        loss_of_ys = lambda ys: jnp.sum(ys[-1]) + jnp.sum(ys[0])
+    args = jnp.array([k, 0.5])
+    return _grad_on_0_10(field, loss_of_ys, args, adjoint, rtol, atol, ts)
 
 
 def _relative_error(x, y):
@@ -981,30 +992,12 @@ def test_default_crosses_a_fast_transient():
 def _transient_grad(adjoint, rtol, atol):
     # dy/dt = -0.3 y + a0 exp(-400 t) cos(y) + a1 sin(y) on [0, 10], saved at t1 only:
     # the forward steps crowd into the transient near t = 0.
-    def loss(p):
-        y0, args = p
-        sol = dfx.diffeqsolve(
-            dfx.ODETerm(
-                lambda t, y, a: (
-                    -0.3 * y
-                    + a[0] * jnp.exp(-400.0 * t) * jnp.cos(y)
-                    + a[1] * jnp.sin(y)
-                )
-            ),
-            dfx.Dopri5(),
-            0.0,
-            10.0,
-            None,
-            y0,
-            args,
-            stepsize_controller=dfx.PIDController(rtol=rtol, atol=atol),
-            adjoint=adjoint,
-            max_steps=100_000,
-        )
-        return jnp.sum(sol.ys[-1] ** 2)
+    def field(t, y, a):
+        return -0.3 * y + a[0] * jnp.exp(-400.0 * t) * jnp.cos(y) + a[1] * jnp.sin(y)
 
-    p = (jnp.array([1.0, -2.0, 3.0]), jnp.array([20.0, 0.5]))
-    return jax.jit(jax.grad(loss))(p)
+    loss_of_ys = lambda ys: jnp.sum(ys[-1] ** 2)
+    args = jnp.array([20.0, 0.5])
+    return _grad_on_0_10(field, loss_of_ys, args, adjoint, rtol, atol)
 
 
 def test_default_follows_the_tolerance_through_a_fast_transient():
