@@ -774,26 +774,6 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
         first_dt = (t_end - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
     else:
         first_dt = spec.dt0
-    lengths = times[1:] - times[:-1]
-    counts = num_nodes(
-        _PAPER_C if adjoint.C is None else adjoint.C,
-        nfe,
-        lengths,
-        t_end - t0,
-        adjoint.max_nodes,
-    )
-    if adjoint.C is None:
-        rtol = spec.stepsize_controller.rtol if adaptive else None
-        by_tolerance = tolerance_nodes(
-            num_steps,
-            lengths,
-            t_end - t0,
-            order=spec.order,
-            rtol=rtol,
-            max_nodes=adjoint.max_nodes,
-        )
-        counts = jnp.maximum(counts, by_tolerance)
-
     theta_arrays, theta_rest = eqx.partition(theta_static, eqx.is_array)
     theta0 = jtu.tree_map(jnp.zeros_like, theta)
     row_ts = times[1:]
@@ -802,19 +782,17 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
         args_, term_ = eqx.combine(theta_, arrays, theta_rest)
         return _wrapped_vf(term_, direction_)(t, z, args_)
 
-    # Every piece ends at or before row n <= max_nodes: the rows need no padding.
-    node_sum = make_node_sum(f_theta, min(adjoint.node_chunk, adjoint.max_nodes))
-
     # A rule on every backward step unless the paper's per-interval rule is asked for:
     # one rule per interval assumes evenly spread forward steps and a smooth
     # integrand, which a fast transient or a ReLU unit switching breaks (off by 1.5e-5
-    # at rtol 1e-8 where a rule per step is within 8.8e-9; `test_smoothness`).
+    # at rtol 1e-8 where a rule per step is within 8.8e-9;
+    # `test_default_follows_the_tolerance_through_a_fast_transient`).
     quadrature = adjoint.quadrature
     if quadrature is None:
         quadrature = "step" if adjoint.C is None else "interval"
-    # Step across save times (`_cross`), or stop at every one. With the rule per step
-    # crossing costs 9-25% more than stopping with 2 to 8 save times, and far less with
-    # many.
+    # Step across save times (`_cross`), or stop at every one. Crossing took 9-25%
+    # longer than stopping with one rule per interval with 2 to 8 save times, and far
+    # less time with many (bench-gradients regime (b)).
     saves = adjoint.saves
     if saves is None:
         saves = "cross" if quadrature == "step" else "stop"
@@ -848,6 +826,33 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
     else:
         backward_solver = spec.solver
 
+    # The per-interval rule: n_k nodes on each interval, saved by its backward solve.
+    save_nodes = want_theta and not per_step
+    lengths = times[1:] - times[:-1]
+    if save_nodes:
+        counts = num_nodes(
+            _PAPER_C if adjoint.C is None else adjoint.C,
+            nfe,
+            lengths,
+            t_end - t0,
+            adjoint.max_nodes,
+        )
+        if adjoint.C is None:
+            rtol = spec.stepsize_controller.rtol if adaptive else None
+            by_tolerance = tolerance_nodes(
+                num_steps,
+                lengths,
+                t_end - t0,
+                order=spec.order,
+                rtol=rtol,
+                max_nodes=adjoint.max_nodes,
+            )
+            counts = jnp.maximum(counts, by_tolerance)
+        # Every piece ends at or before row n <= max_nodes: the rows need no padding.
+        node_sum = make_node_sum(f_theta, min(adjoint.node_chunk, adjoint.max_nodes))
+    else:
+        counts = jnp.zeros(lengths.shape, jnp.int32)
+
     def interval(carry, xs):
         a, dt, theta_sum, failed, need = carry
         t_start, t_end, y_end, g_end, n = xs
@@ -868,15 +873,15 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
             solver_ = CrossSaves(backward_solver, inject)
         else:
             solver_ = backward_solver
-        node_ts, node_ws = interval_rule(n, t_start, t_end, adjoint.max_nodes)
         # Solve from one ULP inside each end. A split time may be a jump of the
         # field (`jump_ts`), where its value depends on the side it is evaluated
         # from; the forward solve steps to either side of a jump, and so does this.
         lo, hi = jnp.nextafter(t_start, t_end), jnp.nextafter(t_end, t_start)
         inside = lo < hi
         lo, hi = jnp.where(inside, lo, t_start), jnp.where(inside, hi, t_end)
-        node_ts = jnp.clip(node_ts, lo, hi)
-        save_nodes = want_theta and not per_step
+        if save_nodes:
+            node_ts, node_ws = interval_rule(n, t_start, t_end, adjoint.max_nodes)
+            node_ts = jnp.clip(node_ts, lo, hi)
         sol = dfx.diffeqsolve(
             dfx.ODETerm(aug_vf),
             solver_,
