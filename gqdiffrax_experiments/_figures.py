@@ -117,9 +117,9 @@ def plot_curves(
             )
     axes[0].set(xlabel="Epoch", ylabel=loss_label, title="(a) Test loss vs epoch")
     axes[1].set(
-        xlabel="Wall Clock Time (/s)",
+        xlabel="Wall-clock time (s)",
         ylabel=loss_label,
-        title="(b) Test loss vs wall clock time",
+        title="(b) Test loss vs wall-clock time",
     )
     for ax in axes:
         ax.grid(alpha=0.3)
