@@ -4,7 +4,12 @@ import importlib.metadata
 
 from ._adjoint import GQAdjoint as GQAdjoint
 from ._ees import EES25 as EES25, EES27 as EES27
-from ._quadrature import gauss_legendre as gauss_legendre
+from ._quadrature import (
+    AbstractQuadrature as AbstractQuadrature,
+    gauss_legendre as gauss_legendre,
+    IntervalGauss as IntervalGauss,
+    StepGauss as StepGauss,
+)
 from ._reversible import ReversibleAdjoint as ReversibleAdjoint
 from ._wiener import (
     ito_to_stratonovich_drift as ito_to_stratonovich_drift,

@@ -5,16 +5,20 @@ Targets diffrax 0.7.2 and equinox 0.13 (the pin in pyproject.toml is
 `diffrax>=0.7.2,<0.8`). The adjoints in this package drive diffrax's own solve loop
 (through `AbstractAdjoint._loop`, which diffrax provides for its adjoints), so that the
 forward pass is exactly the solve a user would get from `diffrax.diffeqsolve`; the
-names below are what that needs. Besides these names, the adjoints read and replace
-fields of the loop state that `AbstractAdjoint.loop` is handed (`y`, `tprev`, `tnext`,
-`solver_state`, `controller_state`, `made_jump`, `save_state.ys`, `num_steps`,
-`num_accepted_steps`), as diffrax's own adjoints do. When moving to a new diffrax minor
-version, this is the only module to revisit, together with that list of fields.
+names and functions below are what that needs: every private name, and every read or
+write of the loop state's layout (`diffrax._integrate.State` and `SaveState`) beyond
+reading its public-looking fields, is one of them. `tests/test_diffrax_contract.py`
+checks each assumption they make, so that a diffrax release that changes one fails
+there with a message naming it. When moving to a new diffrax minor version, this is the
+only module to revisit.
 """
 
 import functools as ft
 
+import equinox as eqx
 import equinox.internal as eqxi
+import jax.numpy as jnp
+import jax.tree_util as jtu
 
 # `_only_transpose_ys`: marks every part of the final solver state except the saved
 # `ys` as non-differentiable, exactly as `diffrax.BacksolveAdjoint` does.
@@ -40,8 +44,12 @@ __all__ = [
     "lax_while_loop",
     "nondifferentiable",
     "only_transpose_ys",
+    "resize_save_rows",
     "save_y",
+    "select_save_rows",
+    "set_event_time",
     "t1_clip_floor",
+    "with_y",
     "WrapTerm",
 ]
 
@@ -70,3 +78,45 @@ def t1_clip_floor(t1):
     for _ in range(100):
         floor = eqxi.prevbefore(floor)
     return floor
+
+
+def with_y(state, y):
+    """The loop state `state` with its current state `y` replaced."""
+    return eqx.tree_at(lambda s: s.y, state, y)
+
+
+def resize_save_rows(state, num_rows: int):
+    """The initial loop state with the save buffers of its (single) `SaveState` grown
+    to `num_rows` rows. `diffeqsolve` fills them with `inf` before the loop runs;
+    every new row takes the first row's fill."""
+    grow = lambda x: jnp.broadcast_to(x[:1], (num_rows,) + x.shape[1:])
+    buffers = (state.save_state.ts, state.save_state.ys)
+    return eqx.tree_at(
+        lambda s: (s.save_state.ts, s.save_state.ys),
+        state,
+        jtu.tree_map(grow, buffers),
+    )
+
+
+def select_save_rows(state, rows, num_ts: int):
+    """The final loop state with only the save rows `rows` kept, as if the solve had
+    saved just those: `num_ts` of them at `SaveAt(ts=...)` (the counters that
+    `diffeqsolve` reads back when it builds the `Solution`)."""
+    save_state = state.save_state
+    new = eqx.tree_at(
+        lambda s: (s.ts, s.ys, s.saveat_ts_index, s.save_index),
+        save_state,
+        (
+            save_state.ts[rows],
+            jtu.tree_map(lambda y: y[rows], save_state.ys),
+            jnp.asarray(num_ts, jnp.int32),
+            jnp.asarray(rows.shape[0], jnp.int32),
+        ),
+    )
+    return eqx.tree_at(lambda s: s.save_state, state, new)
+
+
+def set_event_time(out, state):
+    """`out` (a final loop state) with the saved times of `state`: after an event,
+    the last of them is the event time, which is an output to differentiate."""
+    return eqx.tree_at(lambda s: s.save_state.ts, out, state.save_state.ts)

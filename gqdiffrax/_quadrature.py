@@ -1,43 +1,29 @@
-r"""Gauss–Legendre quadrature and the node rules of the GQ adjoint.
+r"""Gauss–Legendre rules, and the quadrature rules `GQAdjoint` takes.
 
 The parameter gradient of a neural ODE is the one-dimensional integral
 
 $$\frac{dL}{d\theta} = \int_{t_0}^{t_K} a_z(t)^\top
-\frac{\partial f}{\partial \theta}\, dt,$$
+\frac{\partial f}{\partial \theta}\, dt.$$
 
-split at the save times (where $a_z$ jumps), at the step-size controller's `jump_ts`
-(where the user has said the vector field is not smooth) and at forward checkpoints. On
-each interval $[t_{k-1}, t_k]$ it is approximated with an $n_k$-point Gauss–Legendre
-rule, exact for polynomials of degree $2n_k - 1$ (`GQAdjoint(quadrature="interval")`,
-the paper's method; the default instead puts a $\lceil (p+1)/2 \rceil$-point rule on
-every backward step, `StepQuadrature`). Two rules choose $n_k$; with
-$\ell_k = t_k - t_{k-1}$, $T = t_1 - t_0$, NFE and $N$ the forward solve's vector-field
-evaluations and steps:
+A rule is an object, as diffrax's step-size controllers are: [`gqdiffrax.StepGauss`][]
+(the default) puts a Gauss rule on every step of the backward solve;
+[`gqdiffrax.IntervalGauss`][] (the paper's method) puts one on each interval between
+save times. `GQAdjoint`'s backward pass (`_backward.backward_pass`) is one loop over the
+pieces of $[t_0, t_K]$ that the rule asks for, and calls the rule's methods for what
+differs between them: where the pieces end, how each backward step is taken, where the
+nodes are and how they are summed.
 
-- **The paper's rule** (`GQAdjoint(C=...)`):
-  $n_k = \lceil C \cdot \mathrm{NFE} \cdot \ell_k / T \rceil$.
-- **The tolerance rule** (`C=None`). An $n$-point rule on an interval of
-  length $\ell$ has error $c_n\, \ell^{2n+1} g^{(2n)}(\xi)$ with
-  $c_n = (n!)^4 / ((2n+1)((2n)!)^3)$. If the integrand varies on the time scale the
-  solver resolves, $|g^{(m)}| \approx |g|\,\lambda^m$ with $\lambda h \approx \rho =
-  \varepsilon^{1/(p+1)}$ for a step $h$ of a solver of order $p$ at relative tolerance
-  $\varepsilon$ (`rtol`). An interval that holds $s_k = N \ell_k / T$ steps then has
-  relative quadrature error about $c_n (s_k \rho)^{2n}$, and
-  $n_k$ is the smallest $n$ with $c_n (s_k \rho)^{2n} \le \varepsilon$, and never
-  fewer than the paper's rule at $C = 0.1$ gives. With a constant step size there is
-  no tolerance; $\rho = 0.1$ (ten steps per time scale of the solution) and
-  $\varepsilon = \rho^{p+1}$ stand in for it.
-
-Both are capped at `max_nodes`. $n_k$ is only known at run time (the step count is
-traced), so the rules for every $n \le n_{\max}$ are stored in one padded table and row
-$n$ is looked up dynamically; padded slots carry weight zero. The quadrature sum of an
-interval then evaluates exactly $n_k$ rows (`node_sum`).
+An interval's node count is only known at run time (the forward NFE is traced), so the
+rules for every $n \le n_{\max}$ are stored in one padded table and row $n$ is looked up
+dynamically; padded slots carry weight zero. The quadrature sum of an interval then
+evaluates exactly $n_k$ rows (`make_node_sum`).
 """
 
+import abc
 import functools as ft
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -47,7 +33,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree, Real
 
-from ._adjoint_common import AbstractWrappedSolver
+from ._step import GaussStep
 
 
 MAX_NODES = 64
@@ -126,69 +112,6 @@ def num_nodes(
     return jnp.where(length > 0, jnp.maximum(n, 1), 0)
 
 
-@ft.cache
-def _log_error_constants(max_nodes: int) -> np.ndarray:
-    r"""$\log c_n$ for $n = 1, \ldots, n_{\max}$: the $n$-point Gauss–Legendre error
-    constant $c_n = (n!)^4 / ((2n+1)((2n)!)^3)$."""
-    n = np.arange(1, max_nodes + 1)
-    lg = np.vectorize(math.lgamma)
-    return 4 * lg(n + 1) - np.log(2 * n + 1) - 3 * lg(2 * n + 1)
-
-
-def tolerance_nodes(
-    num_steps: Int[Array, ""] | int,
-    length: Real[Array, " intervals"],
-    span: Real[Array, ""] | float,
-    *,
-    order: int,
-    rtol: Real[Array, ""] | float | None,
-    max_nodes: int,
-) -> Int[Array, " intervals"]:
-    r"""The tolerance rule: the smallest $n$ with $c_n (s \rho)^{2n} \le
-    \varepsilon$ on each interval, where $s = N \ell / T$ is the number of forward
-    steps the interval holds and $\rho = \varepsilon^{1/(p+1)}$ (see the module
-    docstring).
-
-    **Arguments:**
-
-    - `num_steps`: $N$, the forward solve's steps over the span (rejected ones too).
-    - `length`: the intervals' lengths $\ell_k$.
-    - `span`: $T$.
-    - `order`: $p$, the solver's order.
-    - `rtol`: $\varepsilon$, the step-size controller's relative tolerance; `None` for
-        a constant step size.
-    - `max_nodes`: the cap.
-
-    **Returns:**
-
-    The node count of every interval: 0 for an interval of length zero, else in
-    $[1, n_{\max}]$.
-    """
-    length = jnp.abs(jnp.atleast_1d(jnp.asarray(length)))
-    span = jnp.abs(jnp.asarray(span))
-    dtype = length.dtype
-    if rtol is None:
-        log_rho = jnp.log(jnp.asarray(0.1, dtype))
-        log_eps = (order + 1) * log_rho
-    else:
-        # Below float64's resolution the model stops meaning anything; the cap
-        # `max_nodes` then decides.
-        log_eps = jnp.log(jnp.maximum(jnp.asarray(rtol, dtype), 1e-14))
-        log_rho = log_eps / (order + 1)
-    frac = jnp.where(span > 0, length / jnp.where(span > 0, span, 1), 0)
-    steps = jnp.asarray(num_steps, dtype) * frac
-    log_s = jnp.log(jnp.where(steps > 0, steps, 1))
-    n = jnp.arange(1, max_nodes + 1, dtype=dtype)[None, :]
-    log_c = jnp.asarray(_log_error_constants(max_nodes), dtype)[None, :]
-    log_err = log_c + 2 * n * (log_s[:, None] + log_rho)
-    enough = log_err <= log_eps
-    # The first `n` that is enough; `max_nodes` when none is.
-    first = jnp.where(
-        jnp.any(enough, axis=-1), jnp.argmax(enough, axis=-1) + 1, max_nodes
-    )
-    return jnp.where(length > 0, first, 0).astype(jnp.int32)
-
-
 def interval_rule(
     n: Int[Array, ""],
     t_start: Real[Array, ""],
@@ -249,16 +172,12 @@ def _node_pieces(vjp_theta, chunk, num, acc, ts, ws, zs, as_):
     return acc
 
 
-def make_node_sum(
-    f_theta: Callable[[PyTree, PyTree, Array, Array, PyTree], PyTree], chunk: int
-) -> Callable:
+def make_node_sum(chunk: int) -> Callable:
     r"""The quadrature sum of one interval, with a batching rule of its own.
 
-    `f_theta(theta, const, direction, t, z)` is the vector field as a function of the
-    parameters `theta`. The returned
-    `node_sum(theta, const, direction, acc, ts, ws, zs, as_, n)` is
-    `acc` $+ \sum_{j<n} w_j\, a_j^\top \partial f/\partial\theta(\tau_j, z_j)$ over
-    the first `n` rows of the node arrays.
+    The returned `node_sum(field, theta, acc, ts, ws, zs, as_, n)` is `acc`
+    $+ \sum_{j<n} w_j\, a_j^\top \partial f/\partial\theta(\tau_j, z_j)$ over the first
+    `n` rows of the node arrays, for `field` a `_step.ParamField`.
 
     Unbatched, the piece schedule follows the interval's own node count `n`. Under
     `jax.vmap` (per-sample solves) `n` differs between samples, and a data-dependent
@@ -267,70 +186,189 @@ def make_node_sum(
     rows of the other samples carry weight zero (see `interval_rule`).
     """
 
-    def pieces(num, theta, const, direction, acc, ts, ws, zs, as_):
-        def vjp_theta(t_c, z_c, cot):
-            _, vjp = jax.vjp(
-                lambda th: jax.vmap(lambda t, z: f_theta(th, const, direction, t, z))(
-                    t_c, z_c
-                ),
-                theta,
-            )
-            (g,) = vjp(cot)
-            return g
-
+    def pieces(num, field, theta, acc, ts, ws, zs, as_):
+        vjp_theta = lambda t, z, cot: field.vjp(theta, t, z, cot)
         return _node_pieces(vjp_theta, chunk, num, acc, ts, ws, zs, as_)
 
     @jax.custom_batching.custom_vmap
-    def node_sum(theta, const, direction, acc, ts, ws, zs, as_, n):
-        return pieces(n, theta, const, direction, acc, ts, ws, zs, as_)
+    def node_sum(field, theta, acc, ts, ws, zs, as_, n):
+        return pieces(n, field, theta, acc, ts, ws, zs, as_)
 
     @node_sum.def_vmap
-    def _(axis_size, in_batched, theta, const, direction, acc, ts, ws, zs, as_, n):
+    def _(axis_size, in_batched, field, theta, acc, ts, ws, zs, as_, n):
         *batched, n_batched = in_batched
         num = jnp.max(n) if n_batched else n
         in_axes = jtu.tree_map(lambda b: 0 if b else None, tuple(batched))
         out = jax.vmap(
             lambda *xs: pieces(num, *xs), in_axes=in_axes, axis_size=axis_size
-        )(theta, const, direction, acc, ts, ws, zs, as_)
+        )(field, theta, acc, ts, ws, zs, as_)
         return out, jtu.tree_map(lambda _: True, out)
 
     return node_sum
 
 
-class StepQuadrature(AbstractWrappedSolver):
-    r"""Wraps the solver of a backward solve so that every step also integrates
-    $a_z^\top \partial f/\partial\theta$ over itself, with a Gauss–Legendre rule on
-    the step's dense output, into a sum carried in the solver state. diffrax keeps a
-    step's solver state only when it accepts the step, so the sum holds accepted steps
-    only.
+class AbstractQuadrature(eqx.Module):
+    r"""How [`gqdiffrax.GQAdjoint`][] integrates $a_z^\top \partial f/\partial\theta$
+    over the backward solve.
 
-    The backward solve runs in diffrax's normalised time $s = -t$; `integrand(t, z, a)`
-    takes the nodes' (forward) times, states and weighted adjoints and returns their
-    summed parameter cotangent.
+    The backward pass is one loop over pieces of $[t_0, t_K]$, each solved backwards
+    from its right end; a rule says where the pieces end (`bounds`), how each backward
+    step is taken (`step_solver`), where its nodes are (`node_times`) and how they are
+    summed (`integrate`). Subclass it only to change these; GQAdjoint checks nothing
+    more.
     """
 
-    solver: Any
-    integrand: Any = eqx.field(static=True)
-    zeros: Any
-    nodes: tuple[float, ...] = eqx.field(static=True)
-    weights: tuple[float, ...] = eqx.field(static=True)
+    crosses_saves: ClassVar[bool]
 
-    def init(self, terms, t0, t1, y0, args):
-        return self.solver.init(terms, t0, t1, y0, args), self.zeros
+    @abc.abstractmethod
+    def bounds(self, times, splits):
+        """The pieces' right ends: among the save `times` after $t_0$ (sorted, the
+        last is where the backward solve starts) and the `splits` (sorted, or
+        `None`), those where the backward solve stops."""
 
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        inner_state, total = solver_state
-        y1, y_error, dense_info, inner_state, result = self.solver.step(
-            terms, t0, t1, y0, args, inner_state, made_jump
-        )
-        interpolation = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
-        x = jnp.asarray(self.nodes, t0.dtype)
-        half = 0.5 * (t1 - t0)
-        s = 0.5 * (t0 + t1) + half * x
-        z, a = jax.vmap(interpolation.evaluate)(s)
-        w = half * jnp.asarray(self.weights, t0.dtype)
-        weighted = jtu.tree_map(
-            lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), a
-        )
-        total = jtu.tree_map(jnp.add, total, self.integrand(-s, z, weighted))
-        return y1, y_error, dense_info, (inner_state, total), result
+    @abc.abstractmethod
+    def node_counts(self, nfe, lengths, span):
+        """Nodes of each piece that `node_times` places, from the forward NFE."""
+
+    @abc.abstractmethod
+    def step_solver(self, solver, order, field, theta, rows):
+        """The solver of the backward solve of $[z, a_z]$ on one piece."""
+
+    @abc.abstractmethod
+    def node_times(self, n, t_start, t_end):
+        """Times and weights of the nodes the piece's solve saves, or `(None, None)`."""
+
+    @abc.abstractmethod
+    def integrate(self, acc, sol, field, theta, weights, n):
+        """`acc` plus the piece's integral, from its backward solve `sol`."""
+
+
+class StepGauss(AbstractQuadrature):
+    r"""A Gauss–Legendre rule on every step of the backward solve (the default).
+
+    On a backward step $[s, e]$ of a solver of order $p$, the
+    $\lceil (p+1)/2 \rceil$ Gauss nodes are read off the step's dense output, and one
+    vector-Jacobian product of the vector field, batched over them, adds
+
+    $$\frac{e - s}{2} \sum_j w_j\, a_z(\tau_j)^\top
+    \frac{\partial f}{\partial\theta}(\tau_j, z(\tau_j))$$
+
+    to the gradient. The backward solve's step-size control then also controls the
+    quadrature: wherever the integrand varies fast (a transient, a ReLU unit
+    switching, a control's knot) the steps are short, and the gradient is accurate to
+    the solver's tolerance there too. It assumes nothing about the integrand beyond
+    what the solver assumes of the solution.
+
+    With save times `SaveAt(ts=...)` the backward solve steps across them: a step
+    adds the cotangents $\partial L/\partial y(t_k)$ of the save times it spans
+    through one forward step of the solver and its dense output (the way the forward
+    produced those outputs), so a time series costs about the forward's number of
+    backward steps, not one or more per save time. It stops only at split times
+    (`jump_ts`, a control's knots, checkpoints).
+
+    Choose it unless you are reproducing the paper.
+    """
+
+    crosses_saves: ClassVar[bool] = True
+
+    def bounds(self, times, splits):
+        return times[-1:] if splits is None else jnp.concatenate([splits, times[-1:]])
+
+    def node_counts(self, nfe, lengths, span):
+        del nfe, span
+        return jnp.zeros(lengths.shape, jnp.int32)
+
+    def step_solver(self, solver, order, field, theta, rows):
+        nodes = weights = ()
+        if jtu.tree_leaves(theta):
+            x, w = gauss_legendre(max(1, math.ceil((order + 1) / 2)))
+            nodes, weights = tuple(map(float, x)), tuple(map(float, w))
+        return GaussStep(solver, field, theta, nodes, weights, rows)
+
+    def node_times(self, n, t_start, t_end):
+        del n, t_start, t_end
+        return None, None
+
+    def integrate(self, acc, sol, field, theta, weights, n):
+        del field, theta, weights, n
+        return jtu.tree_map(jnp.add, acc, sol.solver_state.total)
+
+
+class IntervalGauss(AbstractQuadrature):
+    r"""One Gauss–Legendre rule on each interval between save times: the paper's
+    method.
+
+    The backward solve stops at every save time. On interval $k$ it puts
+
+    $$n_k = \min\big(\lceil C \cdot \mathrm{NFE} \cdot (t_k - t_{k-1}) /
+    (t_K - t_0) \rceil,\ n_{\max}\big)$$
+
+    nodes, with NFE the forward solve's vector-field evaluations; the interval's
+    backward solve saves $z$ and $a_z$ there (`SaveAt(ts=...)`), and the sum is one
+    VJP of the vector field `vmap`-ed over the nodes, in chunks of at most
+    `node_chunk`.
+
+    It assumes the integrand is smooth on each interval and the forward's steps are
+    spread evenly over it: a vector field with kinks (a ReLU network, an `abs`, a
+    `jnp.where` on $t$ or $y$) or a fast transient breaks that, and the gradient is
+    then less accurate than the tolerance asks (the Accuracy page measures by how
+    much). Split at the kinks with `jump_ts` where you know them. Choose it to
+    reproduce the paper, or on smooth problems with a single save time where the
+    Accuracy page shows it is as accurate.
+
+    **Arguments:**
+
+    - `C`: scales the node count with the forward NFE; the paper used `C=0.1` and found
+        `1e-3` to `1e2` to train equally well on nested spheres.
+    - `max_nodes`: the cap $n_{\max}$ on nodes per interval, $1 \le n_{\max} \le 64$.
+    - `node_chunk`: how many nodes share one `vmap`-ed VJP; the quadrature's memory
+        grows with it. $n_k$ nodes are evaluated as $\lfloor n_k/c \rfloor$ chunks of
+        $c$ and the remainder in power-of-two pieces, so no work goes into padding.
+        Under `jax.vmap` the pieces follow the largest $n_k$ in the batch.
+    """
+
+    crosses_saves: ClassVar[bool] = False
+    C: float = 0.1
+    max_nodes: int = eqx.field(default=64, static=True)
+    node_chunk: int = eqx.field(default=8, static=True)
+
+    def __check_init__(self):
+        if isinstance(self.C, (int, float)) and not (
+            math.isfinite(self.C) and self.C > 0
+        ):
+            raise ValueError(
+                f"`IntervalGauss(C=...)` must be a finite positive number; got "
+                f"C={self.C}. The paper used C=0.1."
+            )
+        if not isinstance(self.max_nodes, int) or not 1 <= self.max_nodes <= MAX_NODES:
+            raise ValueError(
+                f"`IntervalGauss(max_nodes=...)` must be an int in [1, {MAX_NODES}]; "
+                f"got {self.max_nodes!r}. Gauss–Legendre rules are tabulated up to "
+                f"{MAX_NODES} nodes (exact for polynomials of degree 127)."
+            )
+        if not isinstance(self.node_chunk, int) or self.node_chunk < 1:
+            raise ValueError(
+                "`IntervalGauss(node_chunk=...)` must be a positive int (how many "
+                f"nodes share one vmapped VJP); got {self.node_chunk!r}."
+            )
+
+    def bounds(self, times, splits):
+        del splits
+        return times
+
+    def node_counts(self, nfe, lengths, span):
+        return num_nodes(self.C, nfe, lengths, span, self.max_nodes)
+
+    def step_solver(self, solver, order, field, theta, rows):
+        del order, field, theta, rows
+        return solver
+
+    def node_times(self, n, t_start, t_end):
+        return interval_rule(n, t_start, t_end, self.max_nodes)
+
+    def integrate(self, acc, sol, field, theta, weights, n):
+        if not jtu.tree_leaves(theta):
+            return acc
+        zs, as_ = jtu.tree_map(lambda x: x[:-1], sol.ys)
+        node_sum = make_node_sum(min(self.node_chunk, self.max_nodes))
+        return node_sum(field, theta, acc, sol.ts[:-1], weights, zs, as_, n)

@@ -1,0 +1,243 @@
+r"""One step of `GQAdjoint`'s backward solve under the per-step rule
+([`gqdiffrax.StepGauss`][]): the step of $[z, a_z]$, a Gauss rule on it, and the save
+times it spans.
+
+**The Gauss rule.** Over a backward step from $e$ down to $s$, the step's dense output
+gives $z(\tau_j)$ and $a_z(\tau_j)$ at the nodes $\tau_j$ of a Gauss–Legendre rule on
+$[s, e]$, and one VJP of the vector field, `vmap`-ed over the nodes, adds
+$\sum_j w_j\, a_z(\tau_j)^\top \partial f/\partial\theta(\tau_j, z(\tau_j))$ to a sum
+carried in the solver state. diffrax keeps a step's solver state only when it accepts
+the step, so the sum holds accepted steps only.
+
+**Crossing save times.** At a save time $t_k$ the adjoint jumps by the cotangent
+$g_k = \partial L/\partial y(t_k)$. Stopping the backward solve there costs at least one
+step per save time; instead a step spans them. Over a step that spans the save times
+$s \le t_k < e$ the adjoint equation is linear, so the adjoint splits into the part
+carried from $e$, $a_c(t) = \Phi(e, t)^\top a(e)$ with $\Phi(e, t) = \partial y(e) /
+\partial y(t)$, smooth on the step, and the parts started at each $t_k$:
+
+$$a(s) = a_c(s) + \sum_k \Phi(t_k, s)^\top g_k,$$
+$$\frac{dL}{d\theta}\Big|_{[s, e]} = \int_s^e a_c^\top \frac{\partial f}{\partial
+\theta}\, dt + \sum_k \int_s^{t_k} \big(\Phi(t_k, t)^\top g_k\big)^\top \frac{\partial
+f}{\partial \theta}\, dt.$$
+
+The first terms are the backward step and its Gauss rule. The sums are the gradient of
+$\sum_k g_k^\top y(t_k)$ with respect to $y(s)$ and $\theta$, where $y(t_k)$ follows
+from $z(s)$ by one step of the forward solver over $[s, e]$ and its dense output, the
+way the forward pass produced $y(t_k)$: one VJP of that step gives both, however many
+save times the step spans (`SaveRows.inject`).
+
+That interpolant is less accurate between the step's ends than at them. At the spanned
+save times the forward step's interpolant and the backward step's approximate the same
+$z(t_k)$; their difference joins the step's error estimate for $z$, so the step-size
+control shortens steps whose interpolants disagree. The backward controller
+(`_backward.BackwardController`) shortens a step that would span save times to end on
+the last of them it reaches, and the step resets $z$ there to the forward state. After
+an injection or a reset the state has jumped, so an FSAL solver's stored last stage is
+stale: the next step evaluates its first stage afresh.
+"""
+
+from typing import Any
+
+import diffrax as dfx
+import equinox as eqx
+import jax
+import jax.lax as lax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Bool, PyTree, Real
+
+from ._adjoint_common import AbstractWrappedSolver, tree_dot
+
+
+def wrapped_vf(term, direction):
+    r"""The vector field of `term` as an ODE (a `ControlTerm` through `to_ode()`), in
+    diffrax's normalised time $s = \mathrm{direction} \cdot t$, in which every solve
+    runs forwards: $dy/ds = \mathrm{direction} \cdot f(\mathrm{direction} \cdot s, y)$.
+    """
+    from ._diffrax_internals import WrapTerm
+
+    if isinstance(term, dfx.ControlTerm):
+        term = term.to_ode()
+    term = WrapTerm(term, direction)
+
+    def f(t, y, args):
+        out = term.vf(t, y, args)
+        return jtu.tree_map(lambda x: x * direction.astype(x.dtype), out)
+
+    return f
+
+
+class ParamField(eqx.Module):
+    r"""The vector field as a function of the differentiated inputs $\theta$ (the
+    inexact leaves of `args` and of the term that the gradient asks for), in
+    normalised time. `arrays` holds the other arrays of `(args, term)` and `static`
+    the rest, so that every array is a field."""
+
+    arrays: PyTree[Array]
+    static: PyTree = eqx.field(static=True)
+    direction: Real[Array, ""]
+
+    def __call__(self, theta, t, z):
+        args, term = eqx.combine(theta, self.arrays, self.static)
+        return wrapped_vf(term, self.direction)(t, z, args)
+
+    def vjp(self, theta, ts, zs, cotangents):
+        r"""$\sum_j c_j^\top \partial f/\partial\theta(t_j, z_j)$: one VJP of the
+        field `vmap`-ed over the rows of `ts`, `zs` and `cotangents`."""
+        _, vjp = jax.vjp(
+            lambda th: jax.vmap(lambda t, z: self(th, t, z))(ts, zs), theta
+        )
+        (g,) = vjp(cotangents)
+        return g
+
+
+class AugmentedField(eqx.Module):
+    r"""The backward system $\dot z = f(t, z)$, $\dot a_z = -a_z^\top \partial f /
+    \partial z$, as the vector field of a `diffrax.ODETerm`."""
+
+    field: ParamField
+    theta: PyTree[Array]
+
+    def __call__(self, t, state, args):
+        del args
+        z, a = state
+        fz, vjp_z = jax.vjp(lambda z_: self.field(self.theta, t, z_), z)
+        (a_dot,) = vjp_z(a)
+        return fz, jtu.tree_map(jnp.negative, a_dot)
+
+
+def _scale_rows(tree, w):
+    """Multiply each leaf's leading axis by the weights `w`."""
+    return jtu.tree_map(
+        lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), tree
+    )
+
+
+def _where_rows(mask, x, other):
+    return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, other)
+
+
+class SaveRows(eqx.Module):
+    """The save times a piece of the backward solve crosses: the forward states and
+    the cotangents there, and the forward solver that made them.
+
+    Rows are all save times (sorted, forward time); those outside $(lo, hi)$, the
+    piece this serves, are ignored. A step $[s, e]$ takes those in $[s, e)$, and where
+    $s$ is one it resets $z(s)$ to the forward state there."""
+
+    solver: dfx.AbstractSolver
+    field: ParamField
+    theta: PyTree[Array]
+    ts: Real[Array, " rows"]
+    ys: PyTree[Array]
+    gs: PyTree[Array]
+    lo: Real[Array, ""]
+    hi: Real[Array, ""]
+
+    def inject(self, s, e, z, backward_z):
+        """The state and parameter cotangents of the save times in $[s, e)$, the
+        largest gap between the forward and the backward step's interpolants there,
+        $z(s)$ reset where $s$ is a save time, and whether the step spanned one."""
+        ts = self.ts
+        hit = (ts > self.lo) & (ts >= s) & (ts < e) & (ts < self.hi)
+        at = jnp.clip(ts, s, e)
+
+        def spanned(z_, theta_):
+            term = dfx.ODETerm(lambda t, y, _: self.field(theta_, t, y))
+            state = self.solver.init(term, s, e, z_, None)
+            _, _, dense, _, _ = self.solver.step(term, s, e, z_, None, state, False)
+            path = self.solver.interpolation_cls(t0=s, t1=e, **dense)
+            ys = jax.vmap(path.evaluate)(at)
+            gs = jtu.tree_map(lambda g: _where_rows(hit, g, 0), self.gs)
+            return tree_dot(gs, ys), ys
+
+        def gap_to(ys):
+            zb = jax.vmap(backward_z)(at)
+            return jtu.tree_map(
+                lambda y, b: jnp.max(_where_rows(hit, jnp.abs(y - b), 0), axis=0),
+                ys,
+                zb,
+            )
+
+        def run():
+            out, vjp, ys = jax.vjp(spanned, z, self.theta, has_aux=True)
+            dz, dtheta = vjp(jnp.ones_like(out))
+            return dz, dtheta, gap_to(ys)
+
+        def skip():
+            # The gap is a magnitude: real even for a complex state.
+            gap = jtu.tree_map(lambda x: jnp.zeros(x.shape, jnp.abs(x).dtype), z)
+            return jtu.tree_map(jnp.zeros_like, z), self._zeros(), gap
+
+        any_hit = jnp.any(hit)
+        dz, dtheta, gap = lax.cond(any_hit, run, skip)
+        on_save = hit & (ts == s)
+        saved = jtu.tree_map(lambda y: y[jnp.argmax(on_save)], self.ys)
+        z = jtu.tree_map(lambda y, x: jnp.where(jnp.any(on_save), y, x), saved, z)
+        return z, dz, dtheta, any_hit, gap
+
+    def _zeros(self):
+        return jtu.tree_map(jnp.zeros_like, self.theta)
+
+
+class GaussStepState(eqx.Module):
+    """The solver state of `GaussStep`: the wrapped solver's, the parameter sum so
+    far, and whether the last step injected cotangents or reset $z$."""
+
+    inner: Any
+    total: PyTree[Array]
+    jumped: Bool[Array, ""]
+
+
+class GaussStep(AbstractWrappedSolver):
+    r"""Wraps the solver of a backward solve of $[z, a_z]$: every step also adds a
+    Gauss rule over itself to the parameter sum (when there are parameters,
+    `nodes`), and the cotangents of the save times it spans (when there are save times
+    to cross, `rows`). The backward solve runs in diffrax's normalised time $-t$."""
+
+    solver: dfx.AbstractSolver
+    field: ParamField
+    theta: PyTree[Array]
+    nodes: tuple[float, ...] = eqx.field(static=True)
+    weights: tuple[float, ...] = eqx.field(static=True)
+    rows: SaveRows | None
+
+    def init(self, terms, t0, t1, y0, args):
+        inner = self.solver.init(terms, t0, t1, y0, args)
+        total = jtu.tree_map(jnp.zeros_like, self.theta)
+        return GaussStepState(inner, total, jnp.array(False))
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        made_jump = jnp.logical_or(made_jump, solver_state.jumped)
+        y1, y_error, dense_info, inner, result = self.solver.step(
+            terms, t0, t1, y0, args, solver_state.inner, made_jump
+        )
+        path = self.solver.interpolation_cls(t0=t0, t1=t1, **dense_info)
+        total = solver_state.total
+        if self.nodes:
+            x = jnp.asarray(self.nodes, t0.dtype)
+            half = 0.5 * (t1 - t0)
+            s = 0.5 * (t0 + t1) + half * x
+            z, a = jax.vmap(path.evaluate)(s)
+            w = half * jnp.asarray(self.weights, t0.dtype)
+            g = self.field.vjp(self.theta, -s, z, _scale_rows(a, w))
+            total = jtu.tree_map(jnp.add, total, g)
+        jumped = jnp.array(False)
+        if self.rows is not None:
+            z1, a1 = y1
+            z1, dz, dtheta, jumped, gap = self.rows.inject(
+                -t1, -t0, z1, lambda t: path.evaluate(-t)[0]
+            )
+            y1 = z1, jtu.tree_map(jnp.add, a1, dz)
+            total = jtu.tree_map(jnp.add, total, dtheta)
+            if y_error is not None:
+                # The interpolant the injection differentiates is as accurate as its
+                # values: control the step size by their error estimate too.
+                error_z, error_a = y_error
+                error_z = jtu.tree_map(
+                    lambda e, g: jnp.maximum(jnp.abs(e), g), error_z, gap
+                )
+                y_error = error_z, error_a
+        state = GaussStepState(inner, total, jumped)
+        return y1, y_error, dense_info, state, result
