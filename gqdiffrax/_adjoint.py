@@ -106,7 +106,10 @@ class GQAdjoint(dfx.AbstractAdjoint):
     $t_e$ is differentiable (`sol.ts[-1]`), and moves with the parameters as
     $dt_e/d\theta = -(\partial_\theta g + \partial_y g \cdot \partial_\theta
     y) / (\partial_t g + \partial_y g \cdot f)$ at $t_e$; the backward pass starts
-    from $t_e$ with the adjoint that accounts for it.
+    from $t_e$ with the adjoint that accounts for it. A boolean condition (such as
+    `diffrax.steady_state_event()`) stops the solve at the end of a step and needs no
+    root finder: its event time is held fixed (zero gradient), as
+    [`diffrax.RecursiveCheckpointAdjoint`][] differentiates it.
 
     !!! warning
 
@@ -205,7 +208,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
                     "checkpoints are placed before the event time is known. Drop "
                     "`checkpoints`, or use `diffrax.RecursiveCheckpointAdjoint()`."
                 )
-            conds = event_conditions(
+            conds, located = event_conditions(
                 event,
                 y0,
                 args,
@@ -218,7 +221,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
                 stepsize_controller=stepsize_controller,
                 max_steps=max_steps,
             )
-            event = (event.root_finder, event.direction)
+            event = (event.root_finder, event.direction, located)
 
         # `eqx.filter_custom_vjp` differentiates only `diff`; an array in `spec` that
         # carries a JVP tracer is an error. Some of these do depend on differentiated
@@ -393,7 +396,7 @@ def _forward(diff, spec: _Solve):
         terms=WrapTerm(term, spec.direction),
         solver=spec.solver,
         stepsize_controller=spec.stepsize_controller,
-        event=None if conds is None else as_event(conds, *spec.event),
+        event=None if conds is None else as_event(conds, *spec.event[:2]),
         saveat=saveat,
         t0=t0,
         t1=t1,
@@ -505,7 +508,17 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
         g_y = jtu.tree_map(lambda x: x[-1], rows.gs)
         y_e = jtu.tree_map(lambda x: x[-1], rows.ys)
         a_e, event_args, grad_conds, triggered = event_cotangents(
-            conds, p_conds, args, p_args, event_mask, f, t_end, y_e, g_y, g_t
+            conds,
+            p_conds,
+            args,
+            p_args,
+            event_mask,
+            f,
+            t_end,
+            y_e,
+            g_y,
+            g_t,
+            spec.event[2],
         )
         gs = jtu.tree_map(lambda g, a: g.at[-1].set(a), rows.gs, a_e)
         rows = Rows(rows.ts, rows.ys, gs)

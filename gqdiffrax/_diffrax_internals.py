@@ -22,7 +22,7 @@ import jax.tree_util as jtu
 
 # `_only_transpose_ys`: marks every part of the final solver state except the saved
 # `ys` as non-differentiable, exactly as `diffrax.BacksolveAdjoint` does.
-from diffrax._adjoint import _only_transpose_ys as only_transpose_ys
+from diffrax._adjoint import _only_transpose_ys
 from diffrax._heuristics import is_sde as is_sde
 
 # `save_y`: the default `SubSaveAt(fn=...)`; an adjoint that saves only `y` compares
@@ -80,9 +80,19 @@ def t1_clip_floor(t1):
     return floor
 
 
+def only_transpose_ys(final_state):
+    """diffrax's `_only_transpose_ys`; for a solve without a state (`y0=None`, whose
+    saved `ys` are `None`), which it cannot address, the whole final state is
+    non-differentiable instead: there is nothing else it would keep."""
+    if final_state.save_state.ys is None:
+        return eqxi.nondifferentiable_backward(final_state, symbolic=False)
+    return _only_transpose_ys(final_state)
+
+
 def with_y(state, y):
-    """The loop state `state` with its current state `y` replaced."""
-    return eqx.tree_at(lambda s: s.y, state, y)
+    """The loop state `state` with its current state `y` replaced (either may be
+    `None`: an ODE without a state, as diffrax allows)."""
+    return eqx.tree_at(lambda s: s.y, state, y, is_leaf=lambda x: x is None)
 
 
 def resize_save_rows(state, num_rows: int):

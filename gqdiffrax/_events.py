@@ -45,39 +45,48 @@ class _Condition(eqx.Module):
         return self.fn(t, y, args)
 
 
-def event_conditions(event: dfx.Event, y0, args, **kwargs) -> Any:
+def event_conditions(event: dfx.Event, y0, args, **kwargs) -> tuple[Any, bool]:
     """The event's condition functions, closure-converted so that what they close
     over (a learned condition's parameters) are inputs of the custom VJP, with the
-    keyword arguments diffrax passes them (`terms`, `solver`, `t0`, ...) bound.
+    keyword arguments diffrax passes them (`terms`, `solver`, `t0`, ...) bound; and
+    whether the event time is *located* (real-valued conditions and a root finder:
+    $t_e$ moves with the parameters) or *held* (boolean conditions: the solve stops
+    at the end of the step on which one becomes true, and $t_e$ moves in jumps, so its
+    gradient is zero, as `diffrax.RecursiveCheckpointAdjoint` has it).
 
     Raises at trace time, with the fix, for an event whose time has no gradient."""
-    if event.root_finder is None:
+    t0 = kwargs["t0"]
+    bound = lambda cond_fn: lambda t, y, args: cond_fn(t, y, args, **kwargs)
+    leaves = jtu.tree_leaves(event.cond_fn, is_leaf=callable)
+    dtypes = [jax.eval_shape(bound(c), t0, y0, args).dtype for c in leaves]
+    boolean = [jnp.issubdtype(d, jnp.bool_) for d in dtypes]
+    real = [jnp.issubdtype(d, jnp.floating) for d in dtypes]
+    if not all(b or r for b, r in zip(boolean, real)):
+        raise ValueError(
+            f"{_NAME} supports event conditions that return a real number (which "
+            "changes sign at the event) or a boolean; got "
+            f"{[str(d) for d in dtypes]}."
+        )
+    if any(boolean) and any(real):
+        raise ValueError(
+            f"{_NAME} does not support an event that mixes boolean and real-valued "
+            "conditions: a real one's time moves with the parameters, a boolean "
+            "one's does not. Use one kind, or "
+            "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
+        )
+    located = all(real)
+    if located and event.root_finder is None:
         raise ValueError(
             f"{_NAME} differentiates an event's time, which needs it located exactly: "
             "pass a root finder, e.g. `diffrax.Event(cond_fn, "
             "root_finder=optimistix.Newton(rtol=1e-8, atol=1e-8))` in float64 (about "
             "1e-5 in float32, whose rounding a tighter tolerance cannot get under). "
             "Without one the solve stops at the end of a step, and the event time has "
-            "no gradient."
+            "no gradient. (A boolean condition needs no root finder: its event time "
+            "is held fixed.)"
         )
-    t0 = kwargs["t0"]
-
-    def convert(cond_fn):
-        fn = lambda t, y, args: cond_fn(t, y, args, **kwargs)
-        out = jax.eval_shape(fn, t0, y0, args)
-        if not jnp.issubdtype(out.dtype, jnp.floating):
-            raise ValueError(
-                f"{_NAME} supports events whose condition returns a real number that "
-                f"changes sign at the event; got a condition returning {out.dtype}. A "
-                "boolean condition stops the solve at the end of the step on which it "
-                "becomes true, so its event time moves in jumps and has no gradient. "
-                "Return a real-valued function of the state instead (e.g. the height "
-                "of a falling ball rather than `height < 0`), or use "
-                "`adjoint=diffrax.RecursiveCheckpointAdjoint()`."
-            )
-        return eqx.filter_closure_convert(fn, t0, y0, args)
-
-    return jtu.tree_map(convert, event.cond_fn, is_leaf=callable)
+    convert = lambda c: eqx.filter_closure_convert(bound(c), t0, y0, args)
+    return jtu.tree_map(convert, event.cond_fn, is_leaf=callable), located
 
 
 def as_event(conditions, root_finder, direction) -> dfx.Event:
@@ -91,7 +100,7 @@ def _scale(tree, factor):
 
 
 def event_cotangents(
-    conditions, p_conditions, args, p_args, event_mask, f, t_e, y_e, g_y, g_t
+    conditions, p_conditions, args, p_args, event_mask, f, t_e, y_e, g_y, g_t, located
 ):
     """The event's part of the backward pass (see the module docstring).
 
@@ -102,18 +111,26 @@ def event_cotangents(
     - `event_mask`: which condition triggered (diffrax's `Solution.event_mask`).
     - `f`: the vector field $f(t, y, \\mathrm{args})$; `t_e`, `y_e`: the final time
         and state; `g_y`, `g_t`: the loss's cotangents of them.
+    - `located`: whether the event time moves with the parameters (see
+        `event_conditions`); if not, the cotangents are those of a solve to a fixed
+        time: `a_e = g_y`, and zero direct terms.
 
     **Returns:**
 
     `(a_e, grad_args, grad_conditions, triggered)`: the terminal adjoint, the direct
     gradients (with `None` where not differentiated) and whether an event triggered.
     """
+    masks = jtu.tree_leaves(event_mask)
+    triggered = jnp.any(jnp.stack([jnp.asarray(m) for m in masks]))
+    diff_args, static_args = eqx.partition(args, p_args)
+    if not located:
+        diff_c, _ = eqx.partition(conditions, p_conditions)
+        zeros = lambda tree: jtu.tree_map(jnp.zeros_like, tree)
+        return g_y, zeros(diff_args), zeros(diff_c), triggered
     f_e = f(t_e, y_e, args)
     c = tree_dot(g_y, f_e) + g_t.astype(t_e.dtype)
-    diff_args, static_args = eqx.partition(args, p_args)
     leaves, treedef = jtu.tree_flatten(conditions, is_leaf=callable)
     p_leaves = jtu.tree_leaves(p_conditions, is_leaf=callable)
-    masks = jtu.tree_leaves(event_mask)
     a_e = g_y
     grad_args = jtu.tree_map(jnp.zeros_like, diff_args)
     grad_conditions = []
@@ -131,6 +148,5 @@ def event_cotangents(
         a_e = jtu.tree_map(jnp.add, a_e, _scale(dy, lam))
         grad_args = jtu.tree_map(jnp.add, grad_args, _scale(d_args, lam))
         grad_conditions.append(_scale(d_c, lam))
-    triggered = jnp.any(jnp.stack([jnp.asarray(m) for m in masks]))
     grad_conditions = jtu.tree_unflatten(treedef, grad_conditions)
     return a_e, grad_args, grad_conditions, triggered
