@@ -43,10 +43,10 @@ from ._adjoint_common import (
 from ._backward import Backward, BackwardController, max_steps_error, Rows
 from ._diffrax_internals import (
     only_transpose_ys,
+    replace_fields,
     resize_save_rows,
     select_save_rows,
     set_event_time,
-    with_y,
     WrapTerm,
 )
 from ._events import as_event, event_conditions, event_cotangents
@@ -231,7 +231,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
         # which depends on neither.
         arrays = nondiff(
             dict(
-                init_state=with_y(init_state, object()),
+                init_state=replace_fields(init_state, y=object()),
                 saveat=saveat,
                 stepsize_controller=stepsize_controller,
                 dt0=dt0,
@@ -381,7 +381,7 @@ def _forward(diff, spec: _Solve):
     saveat = spec.saveat
     subs = saveat.subs
     _, extra, fwd_ts, user_pos = _save_times(diff, spec)
-    init_state = with_y(spec.init_state, y0)
+    init_state = replace_fields(spec.init_state, y=y0)
     if extra is not None:
         saveat = eqx.tree_at(
             lambda s: s.subs.ts, saveat, fwd_ts, is_leaf=lambda x: x is None

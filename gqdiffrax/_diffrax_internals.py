@@ -49,7 +49,8 @@ __all__ = [
     "select_save_rows",
     "set_event_time",
     "t1_clip_floor",
-    "with_y",
+    "replace_fields",
+    "STATE_FIELDS",
     "WrapTerm",
 ]
 
@@ -89,10 +90,22 @@ def only_transpose_ys(final_state):
     return _only_transpose_ys(final_state)
 
 
-def with_y(state, y):
-    """The loop state `state` with its current state `y` replaced (either may be
-    `None`: an ODE without a state, as diffrax allows)."""
-    return eqx.tree_at(lambda s: s.y, state, y, is_leaf=lambda x: x is None)
+# The fields of the loop state (`diffrax._integrate.State`) that the adjoints replace
+# before and after running the loop.
+STATE_FIELDS = ("y", "solver_state", "controller_state", "save_state")
+
+
+def replace_fields(state, **values):
+    """The loop state `state` with the fields named in `values` (among
+    `STATE_FIELDS`) replaced; a field or value may be `None` (an ODE without a state,
+    a solver without a state)."""
+    names = tuple(values)
+    if not set(names) <= set(STATE_FIELDS):
+        raise ValueError(f"Only {STATE_FIELDS} are replaced; got {names}.")
+    where = lambda s: tuple(getattr(s, name) for name in names)
+    return eqx.tree_at(
+        where, state, tuple(values.values()), is_leaf=lambda x: x is None
+    )
 
 
 def resize_save_rows(state, num_rows: int):
@@ -123,7 +136,7 @@ def select_save_rows(state, rows, num_ts: int):
             jnp.asarray(rows.shape[0], jnp.int32),
         ),
     )
-    return eqx.tree_at(lambda s: s.save_state, state, new)
+    return replace_fields(state, save_state=new)
 
 
 def set_event_time(out, state):

@@ -42,7 +42,12 @@ from ._adjoint_common import (
     nondiff,
     t0_cotangent,
 )
-from ._diffrax_internals import constant_step_count, only_transpose_ys, t1_clip_floor
+from ._diffrax_internals import (
+    constant_step_count,
+    only_transpose_ys,
+    replace_fields,
+    t1_clip_floor,
+)
 from ._ees import EES25, EES27
 
 
@@ -53,10 +58,6 @@ _NAME = "gqdiffrax.ReversibleAdjoint()"
 
 def _is_atomic_term(x) -> bool:
     return isinstance(x, AbstractTerm) and not isinstance(x, MultiTerm)
-
-
-def _is_none(x) -> bool:
-    return x is None
 
 
 class _Reversed(AbstractTerm):
@@ -193,12 +194,7 @@ class _GridController(AbstractStepSizeController):
 
 
 def _forward(self, y, solver_state, args, terms, *, init_state, **kwargs):
-    init_state = eqx.tree_at(
-        lambda s: (s.y, s.solver_state),
-        init_state,
-        (y, solver_state),
-        is_leaf=_is_none,
-    )
+    init_state = replace_fields(init_state, y=y, solver_state=solver_state)
     return lax_loop(self._loop, args=args, terms=terms, init_state=init_state, **kwargs)
 
 
@@ -247,9 +243,7 @@ def _reversible_loop_fwd(
             **kwargs,
         )
         inner_state, _, checkpoints = final_state.solver_state
-        final_state = eqx.tree_at(
-            lambda s: s.solver_state, final_state, inner_state, is_leaf=_is_none
-        )
+        final_state = replace_fields(final_state, solver_state=inner_state)
     residuals = (
         final_state.y,
         final_state.solver_state,
@@ -482,8 +476,8 @@ class ReversibleAdjoint(AbstractAdjoint):
         )
         # Step on a grid that the backward pass can recompute bitwise; see `_Grid`.
         grid = _make_grid(stepsize_controller, init_state, t1)
-        init_state = eqx.tree_at(
-            lambda s: s.controller_state, init_state, jnp.asarray(1, jnp.int32)
+        init_state = replace_fields(
+            init_state, controller_state=jnp.asarray(1, jnp.int32)
         )
         terms = closure_convert_terms(terms, init_state.tprev, init_state.y, args)
         y = init_state.y
@@ -491,9 +485,7 @@ class ReversibleAdjoint(AbstractAdjoint):
         # `y` and the solver state travel as differentiable inputs of the custom VJP:
         # the initial solver state of `ReversibleHeun` depends on `y0` and the
         # parameters through `f(t0, y0)`, and must receive its cotangent.
-        init_state = eqx.tree_at(
-            lambda s: (s.y, s.solver_state), init_state, (None, None), is_leaf=_is_none
-        )
+        init_state = replace_fields(init_state, y=None, solver_state=None)
         # Everything else enters the custom VJP as a keyword argument, which it does
         # not differentiate. The only arrays there are times: if they are
         # differentiated, say so by name rather than leaving it to `filter_custom_vjp`'s
