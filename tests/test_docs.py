@@ -173,6 +173,23 @@ def test_titles_keep_inline_code(site):
                 assert text == " ".join(headings[id].split()), (path, id, text)
 
 
+@pytest.mark.slow
+def test_notebook_links_resolve(site):
+    """The notebooks' Markdown links (e.g. the quickstart's "Next" list) reach pages of
+    the built site. mkdocs checks the links of Markdown pages, not of notebooks."""
+    for path in sorted((site / "notebooks").rglob("index.html")):
+        for href in re.findall(r'<a [^>]*href="([^"#]+)[^"]*"', path.read_text()):
+            if re.match(r"[a-z]+:|/", href):
+                continue  # another site, or an absolute path
+            target = (path.parent / href).resolve()
+            assert target.is_file() or (target / "index.html").is_file(), (
+                path.relative_to(site),
+                href,
+            )
+    quickstart = (site / "notebooks" / "01_quickstart" / "index.html").read_text()
+    assert 'href="../02_time_series/"' in quickstart
+
+
 def test_every_public_name_has_an_api_entry():
     import gqdiffrax
 
