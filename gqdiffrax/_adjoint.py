@@ -52,7 +52,7 @@ from ._diffrax_internals import (
 from ._events import as_event, event_conditions, event_cotangents
 from ._gq_support import check_supported, jump_times, knot_times, knotted_paths
 from ._quadrature import AbstractQuadrature, StepGauss
-from ._step import ParamField, wrapped_vf
+from ._step import KeepStates, ParamField, wrapped_vf
 
 
 class GQAdjoint(dfx.AbstractAdjoint):
@@ -148,6 +148,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
 
     quadrature: AbstractQuadrature = StepGauss()
     checkpoints: int = eqx.field(default=0, static=True, kw_only=True)
+    state_budget: int = eqx.field(default=2**24, static=True, kw_only=True)
 
     def __check_init__(self):
         if not isinstance(self.quadrature, AbstractQuadrature):
@@ -373,10 +374,21 @@ def _save_times(diff, spec: _Solve):
     return knots, extra, fwd_ts, user_pos
 
 
-def _forward(diff, spec: _Solve):
-    """The forward solve: the final state as the user sees it, its statistics, and
-    the save state at every save and split time (the residuals of the backward
-    pass)."""
+def _keeps_states(spec: _Solve, y0) -> bool:
+    """Whether the forward keeps the state at every accepted step for the backward
+    pass to reset $z$ to: with a rule that crosses save times, a cap on the steps,
+    and `max_steps` rows of the state within `GQAdjoint(state_budget=...)` bytes."""
+    if not spec.adjoint.quadrature.crosses_saves or spec.max_steps is None:
+        return False
+    leaves = jtu.tree_leaves(y0)
+    row = sum(x.size * x.dtype.itemsize for x in leaves) + 8
+    return spec.max_steps * row <= spec.adjoint.state_budget
+
+
+def _forward(diff, spec: _Solve, keep: bool = False):
+    """The forward solve: the final state as the user sees it, its statistics, the
+    save state at every save and split time, and (with `keep`) the states at every
+    accepted step (the residuals of the backward pass)."""
     y0, args, term, t0, t1, ts, conds = diff
     saveat = spec.saveat
     subs = saveat.subs
@@ -390,11 +402,16 @@ def _forward(diff, spec: _Solve):
         # the split times.
         num_rows = int(subs.t0) + fwd_ts.shape[0] + int(subs.t1)
         init_state = resize_save_rows(init_state, num_rows)
+    solver = spec.solver
+    if keep:
+        solver = KeepStates(solver)
+        kept = KeepStates.initial_state(init_state.solver_state, t0, y0, spec.max_steps)
+        init_state = replace_fields(init_state, solver_state=kept)
     final_state, aux_stats = lax_loop(
         spec.adjoint._loop,
         args=args,
         terms=WrapTerm(term, spec.direction),
-        solver=spec.solver,
+        solver=solver,
         stepsize_controller=spec.stepsize_controller,
         event=None if conds is None else as_event(conds, *spec.event[:2]),
         saveat=saveat,
@@ -407,33 +424,41 @@ def _forward(diff, spec: _Solve):
     )
     nfe = _forward_nfe(spec.solver, final_state.num_steps)
     aux_stats = {**aux_stats, "num_fevals": nfe}
+    kept = None
+    if keep:
+        kept = final_state.solver_state.kept
+        inner = final_state.solver_state.inner
+        final_state = replace_fields(final_state, solver_state=inner)
     if extra is None:
-        return final_state, aux_stats, final_state.save_state
+        return final_state, aux_stats, final_state.save_state, kept
     # Hand back only the outputs the user asked for; the split times' states stay in
     # the residuals.
     save_state = final_state.save_state
     num_ts = 0 if ts is None else ts.shape[0]
     rows = _user_rows(subs, num_ts, fwd_ts.shape[0], user_pos)
     final_state = select_save_rows(final_state, rows, num_ts)
-    return final_state, aux_stats, save_state
+    return final_state, aux_stats, save_state, kept
 
 
 @eqx.filter_custom_vjp
 def _gq_loop(diff, spec):
-    final_state, aux_stats, _ = _forward(diff, spec)
+    final_state, aux_stats, _, _ = _forward(diff, spec)
     return final_state, aux_stats
 
 
 @_gq_loop.def_fwd
 def _gq_loop_fwd(perturbed, diff, spec):
     _check_perturbed(perturbed)
-    final_state, aux_stats, save_state = _forward(diff, spec)
+    y0 = diff[0]
+    keep = _keeps_states(spec, y0)
+    final_state, aux_stats, save_state, kept = _forward(diff, spec, keep)
     residuals = (
         save_state.ys,
         save_state.ts,
         final_state.event_mask,
         aux_stats["num_fevals"],
         final_state.num_steps,
+        kept,
     )
     return (final_state, aux_stats), residuals
 
@@ -464,7 +489,7 @@ def _check_perturbed(perturbed):
 def _rows(residuals, grad_out, diff, spec: _Solve):
     """The rows of the backward pass (`_backward.Rows`), the cotangent that goes
     straight to `y0`, and the end time of the solve."""
-    ys, saved_ts, _, _, _ = residuals
+    ys, saved_ts, _, _, _, _ = residuals
     y0, _, _, t0, t1, ts, conds = diff
     subs = spec.saveat.subs
     _, extra, fwd_ts, user_pos = _save_times(diff, spec)
@@ -491,7 +516,7 @@ def _rows(residuals, grad_out, diff, spec: _Solve):
 
 @_gq_loop.def_bwd
 def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
-    _, _, event_mask, nfe, num_steps = residuals
+    _, _, event_mask, nfe, num_steps, kept = residuals
     y0, args, term, t0, t1, ts, conds = diff
     _, p_args, p_term, p_t0, p_t1, p_ts, p_conds = perturbed
     grad_out = grad_out[0]
@@ -535,15 +560,19 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
         first_dt = (t_end - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
     else:
         first_dt = jnp.asarray(spec.dt0, t0.dtype)
+    stops = [rows.ts] if cross else []
+    stops += [] if kept is None else [kept.ts]
+    stops = jnp.concatenate(stops) if stops else None
     backward = Backward(
         rule,
         field,
         theta,
         spec.solver,
         spec.order,
-        BackwardController(controller, rows.ts if cross else None),
+        BackwardController(controller, stops),
         spec.max_steps,
         cross,
+        kept,
     )
     if rows.ts.shape[0] > 0:
         a_t0, total, failed, need = backward(t0, rows, splits, nfe, first_dt)

@@ -27,7 +27,7 @@ from jaxtyping import Array, Bool, Int, PyTree, Real
 
 from ._adjoint_common import lax_loop
 from ._quadrature import AbstractQuadrature
-from ._step import AugmentedField, ParamField, SaveRows
+from ._step import AugmentedField, KeptStates, ParamField, SaveRows
 
 
 class ForwardOnly(dfx.AbstractAdjoint):
@@ -127,6 +127,7 @@ class Backward(eqx.Module):
     controller: dfx.AbstractStepSizeController
     max_steps: int | None = eqx.field(static=True)
     cross: bool = eqx.field(static=True)
+    kept: KeptStates | None
 
     def _rows_sum(self, mask, tree):
         """The sum of the rows of every leaf of `tree` where `mask` holds."""
@@ -146,19 +147,20 @@ class Backward(eqx.Module):
         n = self.rule.node_counts(nfe, ends - starts, rows.ts[-1] - t0)
         return _Piece(starts, ends, y_end, g_end, n)
 
-    def _piece(self, rows: Rows | None, carry: _Carry, piece: _Piece):
+    def _piece(self, rows: Rows, carry: _Carry, piece: _Piece):
         a = jtu.tree_map(jnp.add, carry.a, piece.g_end)
         save_rows = None
-        if rows is not None:
+        if self.cross or self.kept is not None:
             save_rows = SaveRows(
                 self.solver,
                 self.field,
                 self.theta,
-                rows.ts,
-                rows.ys,
-                rows.gs,
+                *jtu.tree_map(
+                    lambda x: x if self.cross else x[:0], (rows.ts, rows.ys, rows.gs)
+                ),
                 piece.t_start,
                 piece.t_end,
+                self.kept,
             )
         solver = self.rule.step_solver(
             self.solver, self.order, self.field, self.theta, save_rows
@@ -216,9 +218,8 @@ class Backward(eqx.Module):
         total = jtu.tree_map(jnp.zeros_like, self.theta)
         carry = _Carry(a0, first_dt, total, jnp.array(False), jnp.zeros((), t0.dtype))
         pieces = self._pieces(t0, rows, splits, nfe)
-        cross_rows = rows if self.cross else None
         carry, _ = lax.scan(
-            lambda c, p: (self._piece(cross_rows, c, p), None),
+            lambda c, p: (self._piece(rows, c, p), None),
             carry,
             pieces,
             reverse=True,

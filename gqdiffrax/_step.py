@@ -45,7 +45,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Bool, PyTree, Real
+from jaxtyping import Array, Bool, Int, PyTree, Real
 
 from ._adjoint_common import AbstractWrappedSolver, tree_dot
 
@@ -119,12 +119,14 @@ def _where_rows(mask, x, other):
 
 
 class SaveRows(eqx.Module):
-    """The save times a piece of the backward solve crosses: the forward states and
-    the cotangents there, and the forward solver that made them.
+    """What a piece of the backward solve meets on its way: the save times it crosses
+    (the forward states and the cotangents there) and the forward states it resets
+    $z$ to (`resets`, kept at every accepted forward step; may have no rows), with the
+    forward solver that made them.
 
-    Rows are all save times (sorted, forward time); those outside $(lo, hi)$, the
-    piece this serves, are ignored. A step $[s, e]$ takes those in $[s, e)$, and where
-    $s$ is one it resets $z(s)$ to the forward state there."""
+    Rows are sorted, in forward time; those outside $(lo, hi)$, the piece this serves,
+    are ignored. A step $[s, e]$ takes the save times in $[s, e)$, and where $s$ is a
+    save time or a kept step it resets $z(s)$ to the forward state there."""
 
     solver: dfx.AbstractSolver
     field: ParamField
@@ -134,11 +136,9 @@ class SaveRows(eqx.Module):
     gs: PyTree[Array]
     lo: Real[Array, ""]
     hi: Real[Array, ""]
+    resets: "KeptStates | None" = None
 
-    def inject(self, s, e, z, backward_z):
-        """The state and parameter cotangents of the save times in $[s, e)$, the
-        largest gap between the forward and the backward step's interpolants there,
-        $z(s)$ reset where $s$ is a save time, and whether the step spanned one."""
+    def _cotangents(self, s, e, z, backward_z):
         ts = self.ts
         hit = (ts > self.lo) & (ts >= s) & (ts < e) & (ts < self.hi)
         at = jnp.clip(ts, s, e)
@@ -152,33 +152,91 @@ class SaveRows(eqx.Module):
             gs = jtu.tree_map(lambda g: _where_rows(hit, g, 0), self.gs)
             return tree_dot(gs, ys), ys
 
-        def gap_to(ys):
+        def run():
+            out, vjp, ys = jax.vjp(spanned, z, self.theta, has_aux=True)
+            dz, dtheta = vjp(jnp.ones_like(out))
             zb = jax.vmap(backward_z)(at)
-            return jtu.tree_map(
+            gap = jtu.tree_map(
                 lambda y, b: jnp.max(_where_rows(hit, jnp.abs(y - b), 0), axis=0),
                 ys,
                 zb,
             )
-
-        def run():
-            out, vjp, ys = jax.vjp(spanned, z, self.theta, has_aux=True)
-            dz, dtheta = vjp(jnp.ones_like(out))
-            return dz, dtheta, gap_to(ys)
+            return dz, dtheta, gap
 
         def skip():
             # The gap is a magnitude: real even for a complex state.
             gap = jtu.tree_map(lambda x: jnp.zeros(x.shape, jnp.abs(x).dtype), z)
-            return jtu.tree_map(jnp.zeros_like, z), self._zeros(), gap
+            zeros = jtu.tree_map(jnp.zeros_like, (z, self.theta))
+            return *zeros, gap
 
         any_hit = jnp.any(hit)
-        dz, dtheta, gap = lax.cond(any_hit, run, skip)
-        on_save = hit & (ts == s)
-        saved = jtu.tree_map(lambda y: y[jnp.argmax(on_save)], self.ys)
-        z = jtu.tree_map(lambda y, x: jnp.where(jnp.any(on_save), y, x), saved, z)
+        return (*lax.cond(any_hit, run, skip), any_hit)
+
+    def _reset(self, s, z, ts, ys):
+        on = (ts == s) & (ts > self.lo) & (ts < self.hi)
+        saved = jtu.tree_map(lambda y: y[jnp.argmax(on)], ys)
+        return jtu.tree_map(lambda y, x: jnp.where(jnp.any(on), y, x), saved, z)
+
+    def inject(self, s, e, z, backward_z):
+        """The state and parameter cotangents of the save times in $[s, e)$, the
+        largest gap between the forward and the backward step's interpolants there,
+        $z(s)$ reset where $s$ is a save time or a kept step, and whether the step
+        spanned a save time."""
+        if self.ts.shape[0] == 0:
+            dz = jtu.tree_map(jnp.zeros_like, z)
+            dtheta = jtu.tree_map(jnp.zeros_like, self.theta)
+            gap = jtu.tree_map(lambda x: jnp.zeros(x.shape, jnp.abs(x).dtype), z)
+            any_hit = jnp.array(False)
+        else:
+            dz, dtheta, gap, any_hit = self._cotangents(s, e, z, backward_z)
+            z = self._reset(s, z, self.ts, self.ys)
+        if self.resets is not None:
+            z = self._reset(s, z, self.resets.ts, self.resets.ys)
         return z, dz, dtheta, any_hit, gap
 
-    def _zeros(self):
-        return jtu.tree_map(jnp.zeros_like, self.theta)
+
+class KeptStates(eqx.Module):
+    """The forward states kept at the start of every accepted step (`KeepStates`):
+    times and states in rows, and how many rows are filled; unfilled rows hold
+    time $t_0$, where no piece of the backward solve starts."""
+
+    ts: Real[Array, " steps"]
+    ys: PyTree[Array]
+    count: Int[Array, ""]
+
+
+class KeepStatesState(eqx.Module):
+    inner: Any
+    kept: KeptStates
+
+
+class KeepStates(AbstractWrappedSolver):
+    """Wraps the forward solver so that its state also keeps $(t, y)$ at the start of
+    every step. diffrax keeps a step's solver state only when it accepts the step, so
+    the rows hold accepted steps only, in order."""
+
+    solver: dfx.AbstractSolver
+
+    def init(self, terms, t0, t1, y0, args):
+        raise AssertionError("`KeepStates` states are built by `GQAdjoint`.")
+
+    @staticmethod
+    def initial_state(inner, t0, y0, num_rows: int) -> KeepStatesState:
+        ts = jnp.full((num_rows,), t0)
+        ys = jtu.tree_map(lambda y: jnp.zeros((num_rows,) + y.shape, y.dtype), y0)
+        kept = KeptStates(ts, ys, jnp.zeros((), jnp.int32))
+        return KeepStatesState(inner, kept)
+
+    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
+        y1, y_error, dense_info, inner, result = self.solver.step(
+            terms, t0, t1, y0, args, solver_state.inner, made_jump
+        )
+        kept = solver_state.kept
+        put = lambda b, x: lax.dynamic_update_index_in_dim(b, x, kept.count, axis=0)
+        kept = KeptStates(
+            put(kept.ts, t0), jtu.tree_map(put, kept.ys, y0), kept.count + 1
+        )
+        return y1, y_error, dense_info, KeepStatesState(inner, kept), result
 
 
 class GaussStepState(eqx.Module):
