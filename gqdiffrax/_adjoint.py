@@ -77,7 +77,8 @@ class GQAdjoint(dfx.AbstractAdjoint):
     backward solve, so that its step-size control also controls the quadrature, and
     save times are crossed rather than stopped at; the paper's method
     ([`gqdiffrax.IntervalGauss`][]) puts one rule on each interval between save times.
-    Memory is that of the adjoint method, constant in the number of steps. The backward
+    Memory is that of the adjoint method plus, by default, the forward state at every
+    step (see below); with a large state, constant in the number of steps. The backward
     pass never carries the parameter-sized $a_\theta$ through the solver's stages, which
     is what makes it faster than [`diffrax.BacksolveAdjoint`][] for models with many
     parameters.
@@ -116,9 +117,21 @@ class GQAdjoint(dfx.AbstractAdjoint):
         Like every optimise-then-discretise method, the gradients are those of the
         continuous problem, accurate to the solver tolerance; they are not the exact
         derivative of the discrete forward solve (use
-        [`diffrax.RecursiveCheckpointAdjoint`][] for that). The backward pass re-solves
-        $z$ backwards from the forward's final state; on dynamics that contract
-        strongly, keep forward `checkpoints` so that it does not drift.
+        [`diffrax.RecursiveCheckpointAdjoint`][] for that).
+
+    **Where the backward pass gets $z$.** Solved backwards from the final state, $z$
+    leaves the forward trajectory on dynamics that forget their start (that settle
+    near an attracting state): the backward flow expands, and errors grow like
+    $e^{\lambda t}$ for a contraction rate $\lambda$. So by default the forward
+    keeps the state at the start of every accepted step, and the backward solve lands
+    on those times and resets $z$ there: $z$ is never more than one step from the
+    forward solution, whatever the dynamics. This costs `max_steps` rows of the state
+    in memory, so it is chosen when traced: with [`gqdiffrax.StepGauss`][], a finite
+    `max_steps`, and `max_steps` times the state's bytes within `state_budget`.
+    Otherwise (a large state, `max_steps=None`, `state_budget=0`, or
+    [`gqdiffrax.IntervalGauss`][]) $z$ is re-solved backwards as in the paper, with
+    memory constant in `max_steps`; then keep forward `checkpoints` on contracting
+    dynamics.
 
     !!! info
 
@@ -157,6 +170,12 @@ class GQAdjoint(dfx.AbstractAdjoint):
                 "`gqdiffrax.StepGauss()` (the default, a Gauss rule on every backward "
                 "step) or `gqdiffrax.IntervalGauss(C=0.1)` (the paper's one rule per "
                 f"interval between save times); got {self.quadrature!r}."
+            )
+        budget = self.state_budget
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+            raise ValueError(
+                "`GQAdjoint(state_budget=...)` must be a non-negative int (bytes the "
+                f"forward may spend keeping states); got {budget!r}."
             )
         if (
             isinstance(self.checkpoints, bool)
@@ -265,9 +284,13 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
     [`gqdiffrax.IntervalGauss`][]`(C=0.1)` (the paper's: one rule per interval between
     save times). Their docstrings say what each assumes.
 - `checkpoints`: how many forward states to keep, at evenly spaced times. The backward
-    pass resets $z$ to them, so errors of the backward re-solve of $z$ (which grow like
-    $e^{\lambda t}$ on dynamics contracting at rate $\lambda$) grow only between
-    checkpoints. Memory grows by `checkpoints` states. Default 0.
+    solve stops at each and resets $z$ there, so errors of a backward re-solve of $z$
+    grow only between checkpoints. Memory grows by `checkpoints` states. Default 0:
+    with the default `state_budget` the state is kept at every step already.
+- `state_budget`: the bytes the forward may spend keeping the state at every
+    accepted step (`max_steps` rows) for the backward pass to reset $z$ to; above it,
+    $z$ is re-solved backwards. Per solve: under `jax.vmap` each sample keeps its own.
+    Default `2**24` (16 MiB); `0` never keeps them.
 """
 
 
