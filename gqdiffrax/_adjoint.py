@@ -6,7 +6,7 @@ and the measurements):
 - **`GQAdjoint.loop`** checks the configuration (`_gq_support.check_supported`: what is
   not verified is refused when traced), closure-converts the vector field so that its
   parameters are inputs of the custom VJP, and hands the differentiated inputs and a
-  `_Solve` (everything else) to `_gq_loop`.
+  `Solve` (everything else) to `_gq_loop`.
 - **Forward** (`_forward`). The ordinary solve, through diffrax's own loop
   (`self._loop`) with plain `lax.while_loop`s. It saves what `SaveAt` asks for, plus the
   state at the *split times*: the controller's `jump_ts`, a control's knots and, with
@@ -24,8 +24,6 @@ and the measurements):
 Every use of diffrax's private names and layouts goes through `_diffrax_internals`.
 """
 
-import typing
-
 import diffrax as dfx
 import equinox as eqx
 import jax
@@ -35,7 +33,6 @@ import jax.tree_util as jtu
 from ._adjoint_common import (
     closure_convert_terms,
     fill_cotangents,
-    lax_loop,
     nondiff,
     t0_cotangent,
     tree_dot,
@@ -44,15 +41,13 @@ from ._backward import Backward, BackwardController, max_steps_error, Rows
 from ._diffrax_internals import (
     only_transpose_ys,
     replace_fields,
-    resize_save_rows,
-    select_save_rows,
     set_event_time,
-    WrapTerm,
 )
-from ._events import as_event, event_conditions, event_cotangents
-from ._gq_support import check_supported, jump_times, knot_times, knotted_paths
+from ._events import event_conditions, event_cotangents
+from ._forward import forward, keeps_states, save_times, Solve, user_rows
+from ._gq_support import check_supported, knotted_paths
 from ._quadrature import AbstractQuadrature, StepGauss
-from ._step import KeepStates, ParamField, wrapped_vf
+from ._step import ParamField, wrapped_vf
 
 
 class GQAdjoint(dfx.AbstractAdjoint):
@@ -259,7 +254,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
                 event=event,
             )
         )
-        spec = _Solve(
+        spec = Solve(
             adjoint=self,
             solver=solver,
             order=solver.order(terms),
@@ -310,162 +305,9 @@ def _knots_are_jumps(y0, knots, stepsize_controller, t0, t1):
     )
 
 
-def _forward_nfe(solver, num_steps):
-    """Vector-field evaluations of the forward solve, from its step count and the
-    solver's tableau (rejected steps included: they cost evaluations too)."""
-    if isinstance(solver, dfx.Euler):
-        return num_steps
-    tableau = solver.tableau
-    if tableau.fsal:
-        # One evaluation at t0, then the first stage of each step is the last of the
-        # previous one.
-        return 1 + num_steps * (tableau.num_stages - 1)
-    return num_steps * tableau.num_stages
-
-
-def _split_times(t0, t1, ts, subs, stepsize_controller, checkpoints, knots):
-    """The split times: the controller's `jump_ts`, the control's `knots` and
-    `checkpoints` evenly spaced times, inside the span the backward pass covers (up to
-    the last save time)."""
-    if subs.t1:
-        t_end = t1
-    elif ts is not None and ts.shape[0] > 0:
-        t_end = ts[-1]
-    else:
-        return None
-    pieces = []
-    for jumps in (jump_times(stepsize_controller), knots):
-        if jumps is not None:
-            pieces.append(jnp.clip(jumps.astype(t0.dtype), t0, t_end))
-    if checkpoints > 0:
-        frac = jnp.arange(1, checkpoints + 1, dtype=t0.dtype) / (checkpoints + 1)
-        pieces.append(t0 + (t_end - t0) * frac)
-    return jnp.concatenate(pieces) if pieces else None
-
-
-def _merge(ts, extra):
-    """The sorted forward save times, and where the user's `ts` are among them."""
-    if extra is None:
-        return ts, None
-    if ts is None:
-        return jnp.sort(extra), None
-    times = jnp.concatenate([ts, extra])
-    order = jnp.argsort(times, stable=True)
-    return times[order], jnp.argsort(order)[: ts.shape[0]]
-
-
-def _user_rows(subs, num_ts, num_fwd_ts, user_pos):
-    """Row indices of the user's outputs among the forward's saved rows."""
-    offset = 1 if subs.t0 else 0
-    rows = [jnp.zeros((1,), jnp.int32)] if subs.t0 else []
-    if num_ts:
-        pos = jnp.arange(num_ts) if user_pos is None else user_pos
-        rows.append(offset + pos.astype(jnp.int32))
-    if subs.t1:
-        rows.append(jnp.full((1,), offset + num_fwd_ts, jnp.int32))
-    return jnp.concatenate(rows)
-
-
-class _Solve(eqx.Module):
-    """What the forward solve and its backward pass share besides the differentiated
-    inputs: the solve as `diffeqsolve` set it up. Its arrays are cut out of autodiff
-    (`GQAdjoint.loop`)."""
-
-    adjoint: "GQAdjoint"
-    solver: dfx.AbstractSolver
-    order: int
-    stepsize_controller: dfx.AbstractStepSizeController
-    saveat: dfx.SaveAt
-    dt0: typing.Any
-    max_steps: int | None
-    throw: bool
-    init_state: typing.Any
-    direction: typing.Any
-    event: typing.Any
-    progress_meter: typing.Any
-
-
-def _save_times(diff, spec: _Solve):
-    """The control's knots, the split times, the forward's save times (the user's
-    and the split times, sorted) and where the user's are among them."""
-    _, args, term, t0, t1, ts, _ = diff
-    knots = knot_times(term, args)
-    subs = spec.saveat.subs
-    checkpoints = spec.adjoint.checkpoints
-    extra = _split_times(t0, t1, ts, subs, spec.stepsize_controller, checkpoints, knots)
-    fwd_ts, user_pos = _merge(ts, extra)
-    return knots, extra, fwd_ts, user_pos
-
-
-def _keeps_states(spec: _Solve, y0) -> bool:
-    """Whether the forward keeps the state at every accepted step for the backward
-    pass to reset $z$ to: with a rule that crosses save times, a cap on the steps,
-    and `max_steps` rows of the state within `GQAdjoint(state_budget=...)` bytes."""
-    if not spec.adjoint.quadrature.crosses_saves or spec.max_steps is None:
-        return False
-    leaves = jtu.tree_leaves(y0)
-    row = sum(x.size * x.dtype.itemsize for x in leaves) + 8
-    return spec.max_steps * row <= spec.adjoint.state_budget
-
-
-def _forward(diff, spec: _Solve, keep: bool = False):
-    """The forward solve: the final state as the user sees it, its statistics, the
-    save state at every save and split time, and (with `keep`) the states at every
-    accepted step (the residuals of the backward pass)."""
-    y0, args, term, t0, t1, ts, conds = diff
-    saveat = spec.saveat
-    subs = saveat.subs
-    _, extra, fwd_ts, user_pos = _save_times(diff, spec)
-    init_state = replace_fields(spec.init_state, y=y0)
-    if extra is not None:
-        saveat = eqx.tree_at(
-            lambda s: s.subs.ts, saveat, fwd_ts, is_leaf=lambda x: x is None
-        )
-        # `diffeqsolve` sized the output buffers for the user's SaveAt; make room for
-        # the split times.
-        num_rows = int(subs.t0) + fwd_ts.shape[0] + int(subs.t1)
-        init_state = resize_save_rows(init_state, num_rows)
-    solver = spec.solver
-    if keep:
-        solver = KeepStates(solver)
-        kept = KeepStates.initial_state(init_state.solver_state, t0, y0, spec.max_steps)
-        init_state = replace_fields(init_state, solver_state=kept)
-    final_state, aux_stats = lax_loop(
-        spec.adjoint._loop,
-        args=args,
-        terms=WrapTerm(term, spec.direction),
-        solver=solver,
-        stepsize_controller=spec.stepsize_controller,
-        event=None if conds is None else as_event(conds, *spec.event[:2]),
-        saveat=saveat,
-        t0=t0,
-        t1=t1,
-        dt0=spec.dt0,
-        max_steps=spec.max_steps,
-        init_state=init_state,
-        progress_meter=spec.progress_meter,
-    )
-    nfe = _forward_nfe(spec.solver, final_state.num_steps)
-    aux_stats = {**aux_stats, "num_fevals": nfe}
-    kept = None
-    if keep:
-        kept = final_state.solver_state.kept
-        inner = final_state.solver_state.inner
-        final_state = replace_fields(final_state, solver_state=inner)
-    if extra is None:
-        return final_state, aux_stats, final_state.save_state, kept
-    # Hand back only the outputs the user asked for; the split times' states stay in
-    # the residuals.
-    save_state = final_state.save_state
-    num_ts = 0 if ts is None else ts.shape[0]
-    rows = _user_rows(subs, num_ts, fwd_ts.shape[0], user_pos)
-    final_state = select_save_rows(final_state, rows, num_ts)
-    return final_state, aux_stats, save_state, kept
-
-
 @eqx.filter_custom_vjp
 def _gq_loop(diff, spec):
-    final_state, aux_stats, _, _ = _forward(diff, spec)
+    final_state, aux_stats, _, _ = forward(diff, spec)
     return final_state, aux_stats
 
 
@@ -473,8 +315,8 @@ def _gq_loop(diff, spec):
 def _gq_loop_fwd(perturbed, diff, spec):
     _check_perturbed(perturbed)
     y0 = diff[0]
-    keep = _keeps_states(spec, y0)
-    final_state, aux_stats, save_state, kept = _forward(diff, spec, keep)
+    keep = keeps_states(spec, y0)
+    final_state, aux_stats, save_state, kept = forward(diff, spec, keep)
     residuals = (
         save_state.ys,
         save_state.ts,
@@ -509,16 +351,16 @@ def _check_perturbed(perturbed):
         )
 
 
-def _rows(residuals, grad_out, diff, spec: _Solve):
+def _rows(residuals, grad_out, diff, spec: Solve):
     """The rows of the backward pass (`_backward.Rows`), the cotangent that goes
     straight to `y0`, and the end time of the solve."""
     ys, saved_ts, _, _, _, _ = residuals
     y0, _, _, t0, t1, ts, conds = diff
     subs = spec.saveat.subs
-    _, extra, fwd_ts, user_pos = _save_times(diff, spec)
+    _, extra, fwd_ts, user_pos = save_times(diff, spec)
     num_ts = 0 if ts is None else ts.shape[0]
     num_fwd_ts = 0 if fwd_ts is None else fwd_ts.shape[0]
-    user = _user_rows(subs, num_ts, num_fwd_ts, user_pos)
+    user = user_rows(subs, num_ts, num_fwd_ts, user_pos)
     grad_user = fill_cotangents(
         jtu.tree_map(lambda y: y[user], ys), grad_out.save_state.ys
     )

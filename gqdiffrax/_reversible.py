@@ -253,6 +253,31 @@ def _reversible_loop_fwd(
     return (final_state, aux_stats), residuals
 
 
+def _ts_cotangent(solver, ts, grad_ys, offset, dense_info, n, t_prev, t_next):
+    """Cotangent of a step's dense output from the `SaveAt(ts=...)` values that the
+    forward pass interpolated inside it: those with $t_{n-1} < ts_j \\le t_n$ (all
+    $ts_j \\le t_1$ for the first step)."""
+    zeros = jtu.tree_map(jnp.zeros_like, dense_info)
+    if ts is None:
+        return zeros
+    lo = jnp.where(n == 1, 0, jnp.searchsorted(ts, t_prev, side="right"))
+    hi = jnp.searchsorted(ts, t_next, side="right")
+
+    def evaluate(_dense_info, t):
+        interp = solver.interpolation_cls(t0=t_prev, t1=t_next, **_dense_info)
+        return interp.evaluate(t)
+
+    def body(carry):
+        j, acc = carry
+        g = jtu.tree_map(lambda gy: gy[offset + j], grad_ys)
+        _, vjp = jax.vjp(lambda d: evaluate(d, ts[j]), dense_info)
+        (a,) = vjp(g)
+        return j + 1, jtu.tree_map(jnp.add, acc, a)
+
+    _, acc = lax.while_loop(lambda c: c[0] < hi, body, (lo, zeros))
+    return acc
+
+
 @_reversible_loop.def_bwd
 def _reversible_loop_bwd(
     residuals,
@@ -307,31 +332,6 @@ def _reversible_loop_bwd(
         stored = jtu.tree_map(lambda b: b[m // k - 1], checkpoints)
         return jtu.tree_map(lambda a, b: jnp.where(m == 0, a, b), (y0, ss0), stored)
 
-    def ts_cotangent(dense_info, n, t_prev, t_next):
-        # Cotangent of the step's dense output from the `SaveAt(ts=...)` values that
-        # the forward pass interpolated inside this step: those with
-        # t_{n-1} < ts[j] <= t_n (all ts[j] <= t_1 for the first step).
-        zeros = jtu.tree_map(jnp.zeros_like, dense_info)
-        if subsaveat.ts is None:
-            return zeros
-        ts = subsaveat.ts
-        lo = jnp.where(n == 1, 0, jnp.searchsorted(ts, t_prev, side="right"))
-        hi = jnp.searchsorted(ts, t_next, side="right")
-
-        def evaluate(_dense_info, t):
-            interp = solver.interpolation_cls(t0=t_prev, t1=t_next, **_dense_info)
-            return interp.evaluate(t)
-
-        def body(carry):
-            j, acc = carry
-            g = jtu.tree_map(lambda gy: gy[offset + j], grad_ys)
-            _, vjp = jax.vjp(lambda d: evaluate(d, ts[j]), dense_info)
-            (a,) = vjp(g)
-            return j + 1, jtu.tree_map(jnp.add, acc, a)
-
-        _, acc = lax.while_loop(lambda c: c[0] < hi, body, (lo, zeros))
-        return acc
-
     def body(carry):
         n, y, ss, a_y, a_ss, a_params = carry
         t_next = time(n)
@@ -353,7 +353,9 @@ def _reversible_loop_bwd(
             ss_prev,
             diff_params,
         )
-        a_dense = ts_cotangent(dense_info, n, t_prev, t_next)
+        a_dense = _ts_cotangent(
+            solver, subsaveat.ts, grad_ys, offset, dense_info, n, t_prev, t_next
+        )
         a_y, a_ss, g_params = vjp((a_y, a_ss, a_dense))
         a_params = jtu.tree_map(jnp.add, a_params, g_params)
         return m, y_prev, ss_prev, a_y, a_ss, a_params

@@ -1,0 +1,180 @@
+"""`GQAdjoint`'s forward pass: the solve as the user asked for it, plus what the
+backward pass needs (the residuals).
+
+The forward saves the state at the user's save times and at the *split times* (the
+controller's `jump_ts`, a control's knots, evenly spaced `checkpoints`), and hands back
+only the user's rows. With a rule that crosses save times and a state small enough
+(`GQAdjoint(state_budget=...)`), it also keeps the state at the start of every
+accepted step (`_step.KeepStates`), for the backward pass to reset $z$ to.
+"""
+
+import typing
+
+import diffrax as dfx
+import equinox as eqx
+import jax.numpy as jnp
+import jax.tree_util as jtu
+
+from ._adjoint_common import lax_loop
+from ._diffrax_internals import (
+    replace_fields,
+    resize_save_rows,
+    select_save_rows,
+    WrapTerm,
+)
+from ._events import as_event
+from ._gq_support import jump_times, knot_times
+from ._step import KeepStates
+
+
+def _forward_nfe(solver, num_steps):
+    """Vector-field evaluations of the forward solve, from its step count and the
+    solver's tableau (rejected steps included: they cost evaluations too)."""
+    if isinstance(solver, dfx.Euler):
+        return num_steps
+    tableau = solver.tableau
+    if tableau.fsal:
+        # One evaluation at t0, then the first stage of each step is the last of the
+        # previous one.
+        return 1 + num_steps * (tableau.num_stages - 1)
+    return num_steps * tableau.num_stages
+
+
+def _split_times(t0, t1, ts, subs, stepsize_controller, checkpoints, knots):
+    """The split times: the controller's `jump_ts`, the control's `knots` and
+    `checkpoints` evenly spaced times, inside the span the backward pass covers (up to
+    the last save time)."""
+    if subs.t1:
+        t_end = t1
+    elif ts is not None and ts.shape[0] > 0:
+        t_end = ts[-1]
+    else:
+        return None
+    pieces = []
+    for jumps in (jump_times(stepsize_controller), knots):
+        if jumps is not None:
+            pieces.append(jnp.clip(jumps.astype(t0.dtype), t0, t_end))
+    if checkpoints > 0:
+        frac = jnp.arange(1, checkpoints + 1, dtype=t0.dtype) / (checkpoints + 1)
+        pieces.append(t0 + (t_end - t0) * frac)
+    return jnp.concatenate(pieces) if pieces else None
+
+
+def _merge(ts, extra):
+    """The sorted forward save times, and where the user's `ts` are among them."""
+    if extra is None:
+        return ts, None
+    if ts is None:
+        return jnp.sort(extra), None
+    times = jnp.concatenate([ts, extra])
+    order = jnp.argsort(times, stable=True)
+    return times[order], jnp.argsort(order)[: ts.shape[0]]
+
+
+def user_rows(subs, num_ts, num_fwd_ts, user_pos):
+    """Row indices of the user's outputs among the forward's saved rows."""
+    offset = 1 if subs.t0 else 0
+    rows = [jnp.zeros((1,), jnp.int32)] if subs.t0 else []
+    if num_ts:
+        pos = jnp.arange(num_ts) if user_pos is None else user_pos
+        rows.append(offset + pos.astype(jnp.int32))
+    if subs.t1:
+        rows.append(jnp.full((1,), offset + num_fwd_ts, jnp.int32))
+    return jnp.concatenate(rows)
+
+
+class Solve(eqx.Module):
+    """What the forward solve and its backward pass share besides the differentiated
+    inputs: the solve as `diffeqsolve` set it up. Its arrays are cut out of autodiff
+    (`GQAdjoint.loop`)."""
+
+    adjoint: dfx.AbstractAdjoint  # the GQAdjoint
+    solver: dfx.AbstractSolver
+    order: int
+    stepsize_controller: dfx.AbstractStepSizeController
+    saveat: dfx.SaveAt
+    dt0: typing.Any
+    max_steps: int | None
+    throw: bool
+    init_state: typing.Any
+    direction: typing.Any
+    event: typing.Any
+    progress_meter: typing.Any
+
+
+def save_times(diff, spec: Solve):
+    """The control's knots, the split times, the forward's save times (the user's
+    and the split times, sorted) and where the user's are among them."""
+    _, args, term, t0, t1, ts, _ = diff
+    knots = knot_times(term, args)
+    subs = spec.saveat.subs
+    checkpoints = spec.adjoint.checkpoints
+    extra = _split_times(t0, t1, ts, subs, spec.stepsize_controller, checkpoints, knots)
+    fwd_ts, user_pos = _merge(ts, extra)
+    return knots, extra, fwd_ts, user_pos
+
+
+def keeps_states(spec: Solve, y0) -> bool:
+    """Whether the forward keeps the state at every accepted step for the backward
+    pass to reset $z$ to: with a rule that crosses save times, a cap on the steps,
+    and `max_steps` rows of the state within `GQAdjoint(state_budget=...)` bytes."""
+    if not spec.adjoint.quadrature.crosses_saves or spec.max_steps is None:
+        return False
+    leaves = jtu.tree_leaves(y0)
+    row = sum(x.size * x.dtype.itemsize for x in leaves) + 8
+    return spec.max_steps * row <= spec.adjoint.state_budget
+
+
+def forward(diff, spec: Solve, keep: bool = False):
+    """The forward solve: the final state as the user sees it, its statistics, the
+    save state at every save and split time, and (with `keep`) the states at every
+    accepted step (the residuals of the backward pass)."""
+    y0, args, term, t0, t1, ts, conds = diff
+    saveat = spec.saveat
+    subs = saveat.subs
+    _, extra, fwd_ts, user_pos = save_times(diff, spec)
+    init_state = replace_fields(spec.init_state, y=y0)
+    if extra is not None:
+        saveat = eqx.tree_at(
+            lambda s: s.subs.ts, saveat, fwd_ts, is_leaf=lambda x: x is None
+        )
+        # `diffeqsolve` sized the output buffers for the user's SaveAt; make room for
+        # the split times.
+        num_rows = int(subs.t0) + fwd_ts.shape[0] + int(subs.t1)
+        init_state = resize_save_rows(init_state, num_rows)
+    solver = spec.solver
+    if keep:
+        solver = KeepStates(solver)
+        kept = KeepStates.initial_state(init_state.solver_state, t0, y0, spec.max_steps)
+        init_state = replace_fields(init_state, solver_state=kept)
+    final_state, aux_stats = lax_loop(
+        spec.adjoint._loop,
+        args=args,
+        terms=WrapTerm(term, spec.direction),
+        solver=solver,
+        stepsize_controller=spec.stepsize_controller,
+        event=None if conds is None else as_event(conds, *spec.event[:2]),
+        saveat=saveat,
+        t0=t0,
+        t1=t1,
+        dt0=spec.dt0,
+        max_steps=spec.max_steps,
+        init_state=init_state,
+        progress_meter=spec.progress_meter,
+    )
+    nfe = _forward_nfe(spec.solver, final_state.num_steps)
+    aux_stats = {**aux_stats, "num_fevals": nfe}
+    kept = None
+    if keep:
+        kept = final_state.solver_state.kept
+        inner = final_state.solver_state.inner
+        final_state = replace_fields(final_state, solver_state=inner)
+    if extra is None:
+        return final_state, aux_stats, final_state.save_state, kept
+    # Hand back only the outputs the user asked for; the split times' states stay in
+    # the residuals.
+    save_state = final_state.save_state
+    num_ts = 0 if ts is None else ts.shape[0]
+    rows = user_rows(subs, num_ts, fwd_ts.shape[0], user_pos)
+    final_state = select_save_rows(final_state, rows, num_ts)
+    return final_state, aux_stats, save_state, kept
