@@ -4,11 +4,13 @@ with direct, seminorm and gq; prints s/epoch, speedup and accuracy.
 Trains the nested-spheres classifier at one width with the direct method, the seminorm
 adjoint and GQ, and compares seconds per epoch at equal test accuracy."""
 
+import datetime
 import functools as ft
 
+import jax
 import numpy as np
 
-from . import _figures, nested_spheres
+from . import _cpu, _figures, nested_spheres
 from ._task import markdown_table, Result, Task, UsageError
 
 
@@ -63,15 +65,34 @@ def table(rows) -> str:
     return markdown_table(COLUMNS, body)
 
 
+def _machine(load_start, load_end) -> str:
+    """How many CPU threads the run had and how busy the machine was."""
+    text = f"{_cpu.cpu_threads()} CPU thread(s) available to the process"
+    if load_start is None or load_end is None:
+        return text + "."
+    fmt = lambda load: "/".join(f"{load[k]:.2f}" for k in ("1m", "5m", "15m"))
+    return (
+        f"{text}; load average (1/5/15 min) {fmt(load_start)} at the start, "
+        f"{fmt(load_end)} at the end."
+    )
+
+
 def run(args) -> Result:
     if len(args.widths) != 1:
         raise UsageError("the demo trains one width; pass a single --widths W")
+    # The README shows this summary: it says where and when it was measured, and how
+    # busy the machine was, since seconds per epoch depend on both.
+    load_start = _cpu.load_average()
     rows = nested_spheres.run_method_grid(args)
+    device = jax.devices()[0]
+    kind = "the CPU" if device.platform == "cpu" else device.device_kind
     summary = (
         f"Nested spheres, width {args.widths[0]}, {args.epochs} epochs of "
         f"{2 * args.train_per_class} samples (batch {args.batch_size}, lr "
         f"{rows[0]['lr']:g}), {args.seeds} seed(s). Seconds per epoch exclude "
-        "compilation.\n\n" + table(rows)
+        f"compilation. Measured on {datetime.date.today().isoformat()} with jax "
+        f"{jax.__version__} on {kind}, {_machine(load_start, _cpu.load_average())}"
+        "\n\n" + table(rows)
     )
     figures = {"demo_loss_curves.png": ft.partial(_figures.plot_curves, rows)}
     return Result(rows, summary, figures)
