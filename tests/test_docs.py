@@ -12,6 +12,7 @@ import importlib.util
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -218,3 +219,55 @@ def test_readme_example_runs_and_prints_its_result():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.fullmatch(r"loss \d+\.\d{3}, gradient norm \d+\.\d{2}\n", result.stdout)
+
+
+def _blocks_module():
+    spec = importlib.util.spec_from_file_location(
+        "_blocks", ROOT / "docs" / "_blocks.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_blocks_match_their_files():
+    """Every `<!-- BEGIN path -->` block of the README and the docs pages holds its
+    file as `python docs/_blocks.py` pastes it, and the file is part of the repository
+    (not under the ignored `results/`): measured figures are written by a command."""
+    blocks = _blocks_module()
+    pages = blocks.pages()
+    assert ROOT / "README.md" in pages and ROOT / "docs" / "index.md" in pages
+    found = [problem for page in pages for problem in blocks.problems(page)]
+    assert not found, (
+        "\n".join(found) + "\nRun `python docs/_blocks.py` to rewrite them."
+    )
+    paths = sorted(
+        {m["path"] for page in pages for m in blocks.BLOCK.finditer(page.read_text())}
+    )
+    assert "docs/figures/demo/summary.md" in paths
+    if (ROOT / ".git").exists() and shutil.which("git"):
+        ignored = subprocess.run(
+            ["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True
+        ).stdout.split()
+        assert not ignored, f"blocks from files git ignores: {ignored}"
+
+
+def test_a_block_that_differs_is_reported(tmp_path, monkeypatch):
+    blocks = _blocks_module()
+    monkeypatch.setattr(blocks, "ROOT", tmp_path)
+    (tmp_path / "summary.md").write_text(
+        "# demo (default size)\n\n| a |\n|---|\n| 1 |\n"
+    )
+    page = tmp_path / "README.md"
+    page.write_text("x\n<!-- BEGIN summary.md -->\n| a |\n<!-- END summary.md -->\n")
+    (problem,) = blocks.problems(page)
+    assert "differs" in problem
+    assert blocks.update(page)
+    assert not blocks.problems(page)
+    assert page.read_text() == (
+        "x\n<!-- BEGIN summary.md -->\n| a |\n|---|\n| 1 |\n<!-- END summary.md -->\n"
+    )
+    page.write_text(
+        "<!-- BEGIN gone.md -->\n<!-- END gone.md -->\n<!-- BEGIN a.md -->\n"
+    )
+    assert len(blocks.problems(page)) == 2
