@@ -139,7 +139,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
         supported, as for every adjoint built on a custom VJP: JAX raises its own
         `TypeError` (`can't apply forward-mode autodiff (jvp) to a custom_vjp
         function`). Use `diffrax.ForwardMode` for forward mode, or
-        [`diffrax.RecursiveCheckpointAdjoint`][] for both modes.
+        `diffrax.DirectAdjoint` for both modes.
 
     ??? cite "References"
 
