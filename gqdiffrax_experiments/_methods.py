@@ -47,16 +47,17 @@ METHODS = {
         "GQ",
         "ode",
         "tab:blue",
-        "gqdiffrax.GQAdjoint: adjoint of [z, a_z], Gauss-Legendre quadrature for the "
-        "parameters",
+        "gqdiffrax.GQAdjoint(): adjoint of [z, a_z], a Gauss-Legendre rule on every "
+        "backward step for the parameters (gqdiffrax.StepGauss); with --C, the paper's "
+        "rule per interval, GQAdjoint(gqdiffrax.IntervalGauss(C=C))",
     ),
-    "gq-stop": MethodInfo(
-        "GQ (stop at saves)",
+    "gq-interval": MethodInfo(
+        "GQ (rule per interval)",
         "ode",
         "tab:cyan",
-        "gqdiffrax.GQAdjoint(saves='stop', quadrature='interval'): the paper's method, "
-        "the backward solve stops at every save time and puts one Gauss rule on each "
-        "interval (the default before 2026-11-30); for comparison with 'gq'",
+        "gqdiffrax.GQAdjoint(gqdiffrax.IntervalGauss(C=0.1)), or the C of --C: the "
+        "paper's method, the backward solve stops at every save time and puts one "
+        "Gauss rule on each interval; for comparison with 'gq'",
     ),
     "sde-direct": MethodInfo(
         "SDE Direct",
@@ -80,19 +81,21 @@ METHODS = {
         "gqdiffrax.ReversibleAdjoint with diffrax.ReversibleHeun",
     ),
 }
-# The ODE methods every training task runs by default; "gq-stop" only on request.
+# The ODE methods every training task runs by default; "gq-interval" only on request.
 ODE_METHODS = tuple(
-    m for m, info in METHODS.items() if info.kind == "ode" and m != "gq-stop"
+    m for m, info in METHODS.items() if info.kind == "ode" and m != "gq-interval"
 )
-ODE_CHOICES = ODE_METHODS + ("gq-stop",)
+ODE_CHOICES = ODE_METHODS + ("gq-interval",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Solve:
     """How a model solves its differential equation and how it is differentiated.
 
-    Hashable, so that it can be closed over by jitted functions. `C=None` leaves
-    GQAdjoint's constant at its default. `count` tags every evaluation of the vector
+    Hashable, so that it can be closed over by jitted functions. `"gq"` is
+    `GQAdjoint()`, a Gauss rule on every backward step, and `"gq-interval"` the
+    paper's rule per interval, `GQAdjoint(IntervalGauss())`; a number `C` makes both
+    `GQAdjoint(IntervalGauss(C=C))`. `count` tags every evaluation of the vector
     field (or drift) for `count_nfe`; it is `None` in timed code.
     """
 
@@ -116,12 +119,12 @@ def adjoint_for(solve: Solve) -> dfx.AbstractAdjoint:
                 rtol=solve.rtol, atol=solve.atol, norm=dfx.adjoint_rms_seminorm
             )
             return dfx.BacksolveAdjoint(stepsize_controller=controller)
-        case "gq":
-            if solve.C is None:
-                return gqdiffrax.GQAdjoint()
-            return gqdiffrax.GQAdjoint(C=solve.C)
-        case "gq-stop":
-            return gqdiffrax.GQAdjoint(C=solve.C, saves="stop", quadrature="interval")
+        case "gq" if solve.C is None:
+            return gqdiffrax.GQAdjoint()
+        case "gq-interval" if solve.C is None:
+            return gqdiffrax.GQAdjoint(gqdiffrax.IntervalGauss())
+        case "gq" | "gq-interval":
+            return gqdiffrax.GQAdjoint(gqdiffrax.IntervalGauss(C=solve.C))
         case "reversible" | "reversible-heun":
             return gqdiffrax.ReversibleAdjoint()
     raise ValueError(f"unknown method {solve.method!r}")

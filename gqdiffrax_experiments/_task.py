@@ -73,7 +73,8 @@ class Task:
         `--distributed`, `--coordinator`, `--num-processes`, `--process-id` for
         several processes).
     - `threads`: whether `--threads N` pins the run to N CPU threads (benchmarks).
-    - `gq_constant`: whether `--C` sets GQAdjoint's constant, where `gq` is a method.
+    - `gq_constant`: whether `--C` selects the paper's rule per interval,
+        `GQAdjoint(IntervalGauss(C=...))`, where `gq` is a method.
     - `arguments(parser)`: adds the task's own options.
     """
 
@@ -234,7 +235,10 @@ def make_parser(task: Task) -> argparse.ArgumentParser:
         parser.add_argument(
             "--C",
             type=positive_float,
-            help="GQAdjoint's constant C (default: GQAdjoint's own default)",
+            help="run 'gq' and 'gq-interval' with the paper's rule per interval and "
+            "this C, GQAdjoint(gqdiffrax.IntervalGauss(C=C)); the paper used 0.1 "
+            "(default: 'gq' is GQAdjoint(), a Gauss rule on every backward step; "
+            "'gq-interval' takes C=0.1)",
         )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(

@@ -9,12 +9,15 @@ Three ways of computing $dL/d\theta$ through the same `diffrax.diffeqsolve` are 
 - `"seminorm"`: `diffrax.BacksolveAdjoint` with the adjoint seminorm
   (`PIDController(rtol, atol, norm=diffrax.adjoint_rms_seminorm)`), the continuous
   adjoint that carries $a_\theta$ through every backward stage;
-- `"gq"`: `gqdiffrax.GQAdjoint()` (or `GQAdjoint(C=...)` with `--C`), which solves
-  only $[z, a_z]$ backwards and gets $dL/d\theta$ by Gauss–Legendre quadrature.
-- `"gq-stop"` (only when asked for): `GQAdjoint(saves="stop", quadrature="interval")`,
-  the paper's method, whose backward solve stops at every save time and puts one Gauss
-  rule on each interval, as GQ's default did before 2026-11-30; in regime (b) it is the
-  "before" of stepping across save times, in (a) and (c) of a rule on every step.
+- `"gq"`: `gqdiffrax.GQAdjoint()`, which solves only $[z, a_z]$ backwards and gets
+  $dL/d\theta$ by a Gauss–Legendre rule on every backward step
+  (`gqdiffrax.StepGauss`), stepping across save times; with `--C`, the paper's rule
+  per interval, `GQAdjoint(gqdiffrax.IntervalGauss(C=...))`.
+- `"gq-interval"` (only when asked for): `GQAdjoint(gqdiffrax.IntervalGauss())`, the
+  paper's method, whose backward solve stops at every save time and puts one Gauss
+  rule of $\lceil C \cdot \mathrm{NFE} \cdot \ell / s \rceil$ nodes on each
+  interval; in regime (b) it is the "before" of stepping across save times, in (a)
+  and (c) of a rule on every step.
 
 The model is a neural ODE $\dot y = f_\theta(t, y)$, $f_\theta$ a 2-hidden-layer
 softplus MLP of the given width applied to $[t, y]$, solved with `diffrax.Dopri5()` in
@@ -92,7 +95,7 @@ from ._task import add_options, positive_float, presets, Result, say, Task, Usag
 
 
 METHODS = ("direct", "seminorm", "gq")
-CHOICES = METHODS + ("gq-stop",)
+CHOICES = METHODS + ("gq-interval",)
 # Compared for memory: GQ, and recursive checkpointing for contrast.
 MEMORY_METHODS = ("direct", "gq")
 WIDTHS = [64, 128, 256, 512, 1024]

@@ -1,8 +1,9 @@
 """Table 2: nested spheres with GQ for several values of C.
 
-Effect of C (Appendix E.2, Table 2): nested spheres trained with GQ for several
-values of the constant C, which scales the number of quadrature nodes with the forward
-NFE (capped at 64 nodes per interval)."""
+Effect of C (Appendix E.2, Table 2): nested spheres trained with the paper's method,
+`GQAdjoint(gqdiffrax.IntervalGauss(C=...))`, for several values of the constant C,
+which scales the number of quadrature nodes of each interval with the forward NFE
+(capped at 64 nodes per interval)."""
 
 import functools as ft
 
@@ -25,7 +26,7 @@ PRESETS = {
 def add_arguments(parser):
     nested_spheres.add_arguments(parser)
     add_options(
-        parser, positive_float, metavar="C", nargs="+", C="values of GQAdjoint's C"
+        parser, positive_float, metavar="C", nargs="+", C="values of IntervalGauss's C"
     )
 
 

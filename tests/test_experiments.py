@@ -118,6 +118,18 @@ def test_bad_input_is_one_line(argv, message, tmp_path, capsys):
     assert message in err
 
 
+def test_gq_methods():
+    # "gq" is the default GQAdjoint(); "gq-interval", and "gq" with --C, the paper's
+    # rule per interval.
+    import gqdiffrax
+    from gqdiffrax_experiments._methods import adjoint_for, Solve
+
+    rule = lambda method, C=None: adjoint_for(Solve(method, C=C)).quadrature
+    assert isinstance(rule("gq"), gqdiffrax.StepGauss)
+    assert rule("gq-interval") == gqdiffrax.IntervalGauss()
+    assert rule("gq", 2.0) == rule("gq-interval", 2.0) == gqdiffrax.IntervalGauss(C=2.0)
+
+
 @pytest.mark.slow
 def test_bad_input_has_no_traceback():
     result = run_subprocess("bench-gradients", "--repeats", "-1")
@@ -182,6 +194,9 @@ def test_sines_irregular(tmp_path):
         "--smoke",
         "--regularity",
         "irregular",
+        "--methods",
+        "gq",
+        "gq-interval",
         "--epochs",
         "2",
         "--no-nfe",
@@ -189,7 +204,11 @@ def test_sines_irregular(tmp_path):
         out,
     )
     runs = check_training(
-        out, methods=["gq"], epochs=2, extra_keys=("num_times", "regularity"), nfe=False
+        out,
+        methods=["gq", "gq-interval"],
+        epochs=2,
+        extra_keys=("num_times", "regularity"),
+        nfe=False,
     )
     assert {r["regularity"] for r in runs} == {"irregular"}
 
