@@ -118,15 +118,16 @@ class GQAdjoint(dfx.AbstractAdjoint):
     leaves the forward trajectory on dynamics that forget their start (that settle
     near an attracting state): the backward flow expands, and errors grow like
     $e^{\lambda t}$ for a contraction rate $\lambda$. So by default the forward
-    keeps the state at the start of every accepted step, and the backward solve lands
-    on those times and resets $z$ there: $z$ is never more than one step from the
-    forward solution, whatever the dynamics. This costs `max_steps` rows of the state
-    in memory, so it is chosen when traced: with [`gqdiffrax.StepGauss`][], a finite
-    `max_steps`, and `max_steps` times the state's bytes within `state_budget`.
-    Otherwise (a large state, `max_steps=None`, `state_budget=0`, or
-    [`gqdiffrax.IntervalGauss`][]) $z$ is re-solved backwards as in the paper, with
-    memory constant in `max_steps`; then keep forward `checkpoints` on contracting
-    dynamics.
+    keeps the state at the end of every accepted step, and every backward step resets
+    $z$ at its end to the forward solution there: the forward step that holds that
+    time is taken again from its kept start, and its dense output evaluated, so $z$
+    is the forward pass's own interpolant whatever the dynamics (one forward step per
+    backward step). This keeps `max_steps` states in memory, so it is chosen when
+    traced: with [`gqdiffrax.StepGauss`][], a finite `max_steps`, and `max_steps`
+    times the state's bytes within `state_budget`. Otherwise (a large state,
+    `max_steps=None`, `state_budget=0`, or [`gqdiffrax.IntervalGauss`][]) $z$ is
+    re-solved backwards as in the paper, with memory constant in `max_steps`; then
+    keep forward `checkpoints` on contracting dynamics.
 
     !!! info
 
@@ -156,7 +157,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
 
     quadrature: AbstractQuadrature = StepGauss()
     checkpoints: int = eqx.field(default=0, static=True, kw_only=True)
-    state_budget: int = eqx.field(default=2**24, static=True, kw_only=True)
+    state_budget: int = eqx.field(default=2**26, static=True, kw_only=True)
 
     def __check_init__(self):
         if not isinstance(self.quadrature, AbstractQuadrature):
@@ -285,7 +286,7 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
 - `state_budget`: the bytes the forward may spend keeping the state at every
     accepted step (`max_steps` rows) for the backward pass to reset $z$ to; above it,
     $z$ is re-solved backwards. Per solve: under `jax.vmap` each sample keeps its own.
-    Default `2**24` (16 MiB); `0` never keeps them.
+    Default `2**26` (64 MiB); `0` never keeps them.
 """
 
 
@@ -314,8 +315,7 @@ def _gq_loop(diff, spec):
 @_gq_loop.def_fwd
 def _gq_loop_fwd(perturbed, diff, spec):
     _check_perturbed(perturbed)
-    y0 = diff[0]
-    keep = keeps_states(spec, y0)
+    keep = keeps_states(spec, diff)
     final_state, aux_stats, save_state, kept = forward(diff, spec, keep)
     residuals = (
         save_state.ys,
@@ -425,16 +425,13 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
         first_dt = (t_end - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
     else:
         first_dt = jnp.asarray(spec.dt0, t0.dtype)
-    stops = [rows.ts] if cross else []
-    stops += [] if kept is None else [kept.ts]
-    stops = jnp.concatenate(stops) if stops else None
     backward = Backward(
         rule,
         field,
         theta,
         spec.solver,
         spec.order,
-        BackwardController(controller, stops),
+        BackwardController(controller, rows.ts if cross else None),
         spec.max_steps,
         cross,
         kept,

@@ -27,7 +27,7 @@ from jaxtyping import Array, Bool, Int, PyTree, Real
 
 from ._adjoint_common import lax_loop
 from ._quadrature import AbstractQuadrature
-from ._step import AugmentedField, KeptStates, ParamField, SaveRows
+from ._step import AugmentedField, ForwardPath, ParamField, SaveRows
 
 
 class ForwardOnly(dfx.AbstractAdjoint):
@@ -127,7 +127,7 @@ class Backward(eqx.Module):
     controller: dfx.AbstractStepSizeController
     max_steps: int | None = eqx.field(static=True)
     cross: bool = eqx.field(static=True)
-    kept: KeptStates | None
+    forward_z: ForwardPath | None
 
     def _rows_sum(self, mask, tree):
         """The sum of the rows of every leaf of `tree` where `mask` holds."""
@@ -150,7 +150,7 @@ class Backward(eqx.Module):
     def _piece(self, rows: Rows, carry: _Carry, piece: _Piece):
         a = jtu.tree_map(jnp.add, carry.a, piece.g_end)
         save_rows = None
-        if self.cross or self.kept is not None:
+        if self.cross or self.forward_z is not None:
             save_rows = SaveRows(
                 self.solver,
                 self.field,
@@ -160,7 +160,7 @@ class Backward(eqx.Module):
                 ),
                 piece.t_start,
                 piece.t_end,
-                self.kept,
+                self.forward_z,
             )
         solver = self.rule.step_solver(
             self.solver, self.order, self.field, self.theta, save_rows

@@ -25,6 +25,9 @@ import jax.tree_util as jtu
 from diffrax._adjoint import _only_transpose_ys
 from diffrax._heuristics import is_sde as is_sde
 
+# `SaveState`: the layout of one `SubSaveAt`'s output buffers in the loop state.
+from diffrax._integrate import SaveState
+
 # `save_y`: the default `SubSaveAt(fn=...)`; an adjoint that saves only `y` compares
 # against it.
 from diffrax._saveat import save_y as save_y
@@ -47,6 +50,8 @@ __all__ = [
     "resize_save_rows",
     "save_y",
     "select_save_rows",
+    "add_step_rows",
+    "take_step_rows",
     "set_event_time",
     "t1_clip_floor",
     "replace_fields",
@@ -92,7 +97,15 @@ def only_transpose_ys(final_state):
 
 # The fields of the loop state (`diffrax._integrate.State`) that the adjoints replace
 # before and after running the loop.
-STATE_FIELDS = ("y", "solver_state", "controller_state", "save_state")
+STATE_FIELDS = (
+    "y",
+    "solver_state",
+    "controller_state",
+    "save_state",
+    "dense_ts",
+    "dense_infos",
+    "dense_save_index",
+)
 
 
 def replace_fields(state, **values):
@@ -106,6 +119,31 @@ def replace_fields(state, **values):
     return eqx.tree_at(
         where, state, tuple(values.values()), is_leaf=lambda x: x is None
     )
+
+
+def add_step_rows(state, y_struct, max_steps: int):
+    """The initial loop state with a second `SaveState` after its (single) one, with
+    the buffers `diffeqsolve` would allocate for `SubSaveAt(steps=True)`: `max_steps`
+    rows shaped like `y_struct`, filled with `inf`. The loop then needs
+    `SaveAt(subs=[the first, that SubSaveAt])`."""
+    dtype = state.tprev.dtype
+    full = lambda x: jnp.full((max_steps,) + x.shape, jnp.inf, dtype=x.dtype)
+    steps = SaveState(
+        saveat_ts_index=0,
+        ts=jnp.full(max_steps, jnp.inf, dtype=dtype),
+        ys=jtu.tree_map(full, y_struct),
+        save_index=0,
+    )
+    return replace_fields(state, save_state=[state.save_state, steps])
+
+
+def take_step_rows(state):
+    """The final loop state with only its first `SaveState`, and the second one's
+    `(ts, ys, count)`: the rows `add_step_rows` made room for, one per accepted step
+    (at the step's end), then `inf`."""
+    first, steps = state.save_state
+    rows = (steps.ts, steps.ys, steps.save_index)
+    return replace_fields(state, save_state=first), rows
 
 
 def resize_save_rows(state, num_rows: int):

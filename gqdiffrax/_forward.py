@@ -2,10 +2,11 @@
 backward pass needs (the residuals).
 
 The forward saves the state at the user's save times and at the *split times* (the
-controller's `jump_ts`, a control's knots, evenly spaced `checkpoints`), and hands back
-only the user's rows. With a rule that crosses save times and a state small enough
-(`GQAdjoint(state_budget=...)`), it also keeps the state at the start of every
-accepted step (`_step.KeepStates`), for the backward pass to reset $z$ to.
+controller's `jump_ts`, a control's knots, evenly spaced `checkpoints`), and hands
+back only the user's rows. With a rule that crosses save times and a dense output
+small enough (`GQAdjoint(state_budget=...)`), it also keeps the state at the end of
+every accepted step (`SubSaveAt(steps=True)`), for the backward pass to read $z$ from
+(`_step.ForwardPath`).
 """
 
 import typing
@@ -17,14 +18,16 @@ import jax.tree_util as jtu
 
 from ._adjoint_common import lax_loop
 from ._diffrax_internals import (
+    add_step_rows,
     replace_fields,
     resize_save_rows,
     select_save_rows,
+    take_step_rows,
     WrapTerm,
 )
 from ._events import as_event
 from ._gq_support import jump_times, knot_times
-from ._step import KeepStates
+from ._step import ForwardPath
 
 
 def _forward_nfe(solver, num_steps):
@@ -114,21 +117,21 @@ def save_times(diff, spec: Solve):
     return knots, extra, fwd_ts, user_pos
 
 
-def keeps_states(spec: Solve, y0) -> bool:
-    """Whether the forward keeps the state at every accepted step for the backward
-    pass to reset $z$ to: with a rule that crosses save times, a cap on the steps,
-    and `max_steps` rows of the state within `GQAdjoint(state_budget=...)` bytes."""
+def keeps_states(spec: Solve, diff) -> bool:
+    """Whether the forward keeps the state at every accepted step, for the backward
+    pass to read $z$ from: with a rule that crosses save times, a cap on the steps,
+    and `max_steps` states within `GQAdjoint(state_budget=...)` bytes."""
     if not spec.adjoint.quadrature.crosses_saves or spec.max_steps is None:
         return False
-    leaves = jtu.tree_leaves(y0)
-    row = sum(x.size * x.dtype.itemsize for x in leaves) + 8
+    y0 = diff[0]
+    row = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(y0)) + 8
     return spec.max_steps * row <= spec.adjoint.state_budget
 
 
 def forward(diff, spec: Solve, keep: bool = False):
     """The forward solve: the final state as the user sees it, its statistics, the
-    save state at every save and split time, and (with `keep`) the states at every
-    accepted step (the residuals of the backward pass)."""
+    save state at every save and split time, and (with `keep`) the forward path (the
+    residuals of the backward pass)."""
     y0, args, term, t0, t1, ts, conds = diff
     saveat = spec.saveat
     subs = saveat.subs
@@ -142,16 +145,14 @@ def forward(diff, spec: Solve, keep: bool = False):
         # the split times.
         num_rows = int(subs.t0) + fwd_ts.shape[0] + int(subs.t1)
         init_state = resize_save_rows(init_state, num_rows)
-    solver = spec.solver
     if keep:
-        solver = KeepStates(solver)
-        kept = KeepStates.initial_state(init_state.solver_state, t0, y0, spec.max_steps)
-        init_state = replace_fields(init_state, solver_state=kept)
+        saveat = dfx.SaveAt(subs=[saveat.subs, dfx.SubSaveAt(steps=True)])
+        init_state = add_step_rows(init_state, y0, spec.max_steps)
     final_state, aux_stats = lax_loop(
         spec.adjoint._loop,
         args=args,
         terms=WrapTerm(term, spec.direction),
-        solver=solver,
+        solver=spec.solver,
         stepsize_controller=spec.stepsize_controller,
         event=None if conds is None else as_event(conds, *spec.event[:2]),
         saveat=saveat,
@@ -166,9 +167,8 @@ def forward(diff, spec: Solve, keep: bool = False):
     aux_stats = {**aux_stats, "num_fevals": nfe}
     kept = None
     if keep:
-        kept = final_state.solver_state.kept
-        inner = final_state.solver_state.inner
-        final_state = replace_fields(final_state, solver_state=inner)
+        final_state, (step_ts, step_ys, _) = take_step_rows(final_state)
+        kept = ForwardPath(t0, y0, step_ts, step_ys)
     if extra is None:
         return final_state, aux_stats, final_state.save_state, kept
     # Hand back only the outputs the user asked for; the split times' states stay in

@@ -45,7 +45,7 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import Array, Bool, Int, PyTree, Real
+from jaxtyping import Array, Bool, PyTree, Real
 
 from ._adjoint_common import AbstractWrappedSolver, tree_dot
 
@@ -114,6 +114,36 @@ def _scale_rows(tree, w):
     )
 
 
+class ForwardPath(eqx.Module):
+    r"""The forward solution, from its state at $t_0$ and at the end of every accepted
+    step (rows, then `inf`): at a time $t$, the forward solver's step that holds $t$
+    is taken again from its start, and its dense output evaluated at $t$. That is the
+    forward pass's own interpolant, so a reset $z$ is the forward solution itself."""
+
+    t0: Real[Array, ""]
+    y0: PyTree[Array]
+    ts: Real[Array, " steps"]
+    ys: PyTree[Array]
+
+    def evaluate(self, t, solver, vf):
+        """$z(t)$, with `solver` the forward solver and `vf(t, y)` the vector field in
+        the loop's normalised time."""
+        i = jnp.searchsorted(self.ts, t, side="right") - 1
+        j = jnp.clip(i + 1, 0, self.ts.shape[0] - 1)
+        first = i < 0
+        ta = jnp.where(first, self.t0, self.ts[jnp.maximum(i, 0)])
+        ya = jtu.tree_map(
+            lambda a, r: jnp.where(first, a, r[jnp.maximum(i, 0)]), self.y0, self.ys
+        )
+        tb = self.ts[j]
+        # Past the last step (only at the solve's end): the state there.
+        tb = jnp.where(jnp.isfinite(tb) & (tb > ta), tb, ta + 1)
+        term = dfx.ODETerm(lambda t_, y, _: vf(t_, y))
+        state = solver.init(term, ta, tb, ya, None)
+        _, _, dense, _, _ = solver.step(term, ta, tb, ya, None, state, False)
+        return solver.interpolation_cls(t0=ta, t1=tb, **dense).evaluate(t)
+
+
 def _where_rows(mask, x, other):
     return jnp.where(mask.reshape(mask.shape + (1,) * (x.ndim - 1)), x, other)
 
@@ -136,7 +166,7 @@ class SaveRows(eqx.Module):
     gs: PyTree[Array]
     lo: Real[Array, ""]
     hi: Real[Array, ""]
-    resets: "KeptStates | None" = None
+    forward_z: ForwardPath | None = None
 
     def _cotangents(self, s, e, z, backward_z):
         ts = self.ts
@@ -180,8 +210,7 @@ class SaveRows(eqx.Module):
     def inject(self, s, e, z, backward_z):
         """The state and parameter cotangents of the save times in $[s, e)$, the
         largest gap between the forward and the backward step's interpolants there,
-        $z(s)$ reset where $s$ is a save time or a kept step, and whether the step
-        spanned a save time."""
+        $z(s)$ reset to the forward's, and whether the step spanned a save time."""
         if self.ts.shape[0] == 0:
             dz = jtu.tree_map(jnp.zeros_like, z)
             dtheta = jtu.tree_map(jnp.zeros_like, self.theta)
@@ -190,53 +219,10 @@ class SaveRows(eqx.Module):
         else:
             dz, dtheta, gap, any_hit = self._cotangents(s, e, z, backward_z)
             z = self._reset(s, z, self.ts, self.ys)
-        if self.resets is not None:
-            z = self._reset(s, z, self.resets.ts, self.resets.ys)
+        if self.forward_z is not None:
+            vf = lambda t, y: self.field(self.theta, t, y)
+            z = self.forward_z.evaluate(s, self.solver, vf)
         return z, dz, dtheta, any_hit, gap
-
-
-class KeptStates(eqx.Module):
-    """The forward states kept at the start of every accepted step (`KeepStates`):
-    times and states in rows, and how many rows are filled; unfilled rows hold
-    time $t_0$, where no piece of the backward solve starts."""
-
-    ts: Real[Array, " steps"]
-    ys: PyTree[Array]
-    count: Int[Array, ""]
-
-
-class KeepStatesState(eqx.Module):
-    inner: Any
-    kept: KeptStates
-
-
-class KeepStates(AbstractWrappedSolver):
-    """Wraps the forward solver so that its state also keeps $(t, y)$ at the start of
-    every step. diffrax keeps a step's solver state only when it accepts the step, so
-    the rows hold accepted steps only, in order."""
-
-    solver: dfx.AbstractSolver
-
-    def init(self, terms, t0, t1, y0, args):
-        raise AssertionError("`KeepStates` states are built by `GQAdjoint`.")
-
-    @staticmethod
-    def initial_state(inner, t0, y0, num_rows: int) -> KeepStatesState:
-        ts = jnp.full((num_rows,), t0)
-        ys = jtu.tree_map(lambda y: jnp.zeros((num_rows,) + y.shape, y.dtype), y0)
-        kept = KeptStates(ts, ys, jnp.zeros((), jnp.int32))
-        return KeepStatesState(inner, kept)
-
-    def step(self, terms, t0, t1, y0, args, solver_state, made_jump):
-        y1, y_error, dense_info, inner, result = self.solver.step(
-            terms, t0, t1, y0, args, solver_state.inner, made_jump
-        )
-        kept = solver_state.kept
-        put = lambda b, x: lax.dynamic_update_index_in_dim(b, x, kept.count, axis=0)
-        kept = KeptStates(
-            put(kept.ts, t0), jtu.tree_map(put, kept.ys, y0), kept.count + 1
-        )
-        return y1, y_error, dense_info, KeepStatesState(inner, kept), result
 
 
 class GaussStepState(eqx.Module):
