@@ -2,15 +2,16 @@
 
 Three tables, all float64, errors relative (the norm of the difference over the norm
 of the reference, across every differentiated leaf): (1) the gradient against
-`RecursiveCheckpointAdjoint` at the same tolerance, versus `rtol`, for the paper's node
-rule (C=0.1), the default, the paper's method with the tolerance rule (stopping at
-every save time, one rule per interval) and `BacksolveAdjoint`; (2) a field that reads
-an interpolated control's derivative, with and without the knots as `jump_ts`, against
-the direct method at rtol 1e-11; (3) a contracting system with and without forward
-checkpoints, against the direct method at rtol 1e-12."""
+`RecursiveCheckpointAdjoint` at the same tolerance, versus `rtol`, for the paper's
+method (`GQAdjoint(IntervalGauss(C=0.1))`: one Gauss rule per interval between save
+times), the default (`GQAdjoint()`, a rule on every backward step) and
+`BacksolveAdjoint`; (2) a field that reads an interpolated control's derivative, with
+and without the knots as `jump_ts`, against the direct method at rtol 1e-11; (3) a
+contracting system, with the forward states kept (the default) or `z` re-solved
+backwards (`state_budget=0`) with and without forward checkpoints, against the direct
+method at rtol 1e-12."""
 
 import argparse
-import functools as ft
 
 import diffrax as dfx
 import equinox as eqx
@@ -20,7 +21,6 @@ import jax.random as jr
 import numpy as np
 
 import gqdiffrax
-import gqdiffrax._gq_support as gq_support
 
 from ._task import add_options, positive_float, presets, Result, say, Task
 
@@ -139,13 +139,10 @@ def _tolerance_grad(name, adjoint, tol) -> np.ndarray:
 
 
 _TOLERANCE_METHODS = {
-    "gq, C=0.1 (paper's rule)": lambda: gqdiffrax.GQAdjoint(C=0.1),
-    "gq, default": lambda: gqdiffrax.GQAdjoint(),
-    # The paper's method with the tolerance rule: stopping at every save time, one
-    # Gauss rule per interval (the default before 2026-11-30).
-    "gq, stop, rule per interval": lambda: gqdiffrax.GQAdjoint(
-        saves="stop", quadrature="interval"
+    "gq, IntervalGauss(C=0.1)": lambda: gqdiffrax.GQAdjoint(
+        gqdiffrax.IntervalGauss(C=0.1)
     ),
+    "gq, default": gqdiffrax.GQAdjoint,
     "backsolve": dfx.BacksolveAdjoint,
 }
 
@@ -186,31 +183,18 @@ def _knot_grads(kind, adjoint, rtol, jumps):
     return _flat(g_mlp), np.ravel(np.asarray(g_data))
 
 
-def _unchecked_paths(fn):
-    """Run `fn` with GQAdjoint's refusal of non-smooth paths switched off: how the
-    "without jump_ts" rows measure what that refusal prevents."""
-    real = gq_support._paths_in
-    gq_support._paths_in = lambda *args, **kwargs: []
-    try:
-        return fn()
-    finally:
-        gq_support._paths_in = real
+def _interval(C):
+    return lambda: gqdiffrax.GQAdjoint(gqdiffrax.IntervalGauss(C=C))
 
 
 def _knot_rows():
     methods = [
-        ("gq, no jump_ts (refused since)", gqdiffrax.GQAdjoint, False),
-        (
-            "gq C=8, no jump_ts (refused since)",
-            ft.partial(gqdiffrax.GQAdjoint, 8.0),
-            False,
-        ),
-        (
-            "gq quadrature='interval', jump_ts",
-            ft.partial(gqdiffrax.GQAdjoint, quadrature="interval"),
-            True,
-        ),
-        ("gq default (quadrature='step'), jump_ts", gqdiffrax.GQAdjoint, True),
+        # The control is a leaf of `args`: GQAdjoint finds its knots and splits its
+        # quadrature there without `jump_ts`, but the forward solve steps across them.
+        ("gq, no jump_ts", gqdiffrax.GQAdjoint, False),
+        ("gq IntervalGauss(C=8), no jump_ts", _interval(8.0), False),
+        ("gq IntervalGauss(C=0.1), jump_ts", _interval(0.1), True),
+        ("gq default (StepGauss), jump_ts", gqdiffrax.GQAdjoint, True),
         ("backsolve, jump_ts", dfx.BacksolveAdjoint, True),
         ("direct, jump_ts", dfx.RecursiveCheckpointAdjoint, True),
     ]
@@ -218,8 +202,7 @@ def _knot_rows():
     for kind in ("linear", "cubic"):
         exact = _knot_grads(kind, dfx.RecursiveCheckpointAdjoint(), 1e-11, True)
         for label, adjoint, jumps in methods:
-            run = lambda: _knot_grads(kind, adjoint(), 1e-8, jumps)
-            g_mlp, g_data = run() if jumps else _unchecked_paths(run)
+            g_mlp, g_data = _knot_grads(kind, adjoint(), 1e-8, jumps)
             rows.append(
                 dict(
                     table="knots",
@@ -262,9 +245,17 @@ def _checkpoint_rows(counts):
             ("direct", dfx.RecursiveCheckpointAdjoint()),
             ("backsolve", dfx.BacksolveAdjoint()),
         ]
+        # By default GQAdjoint keeps the forward state at every step and resets z
+        # there; with `state_budget=0` it re-solves z backwards, as the paper does,
+        # and checkpoints bound how far that drifts.
         methods += [("gq", gqdiffrax.GQAdjoint())]
+        methods += [("gq, re-solved z", gqdiffrax.GQAdjoint(state_budget=0))]
         methods += [
-            (f"gq, {n} checkpoints", gqdiffrax.GQAdjoint(checkpoints=n)) for n in counts
+            (
+                f"gq, re-solved z, {n} checkpoints",
+                gqdiffrax.GQAdjoint(state_budget=0, checkpoints=n),
+            )
+            for n in counts
         ]
         for label, adjoint in methods:
             g = _dissipative_grad(adjoint, k, 1e-6, atol)
