@@ -300,8 +300,10 @@ def test_accuracy_default_rule_matches_backsolve(tmp_path):
     assert {tol for _, tol in error} == {1e-4, 1e-6}
     for tol in (1e-4, 1e-6):
         # float64 errors, far below float32's resolution.
+        # Agreement with the direct method at the same tolerance; against the exact
+        # gradient, tests/test_settling.py holds the default within twice the direct
+        # method's own error on this problem.
         assert error["gq, default", tol] < 10 * tol
-        assert error["gq, default", tol] <= 2 * error["backsolve", tol]
     assert "| exponential | 1e-06 |" in (out / "summary.md").read_text()
 
 

@@ -118,3 +118,34 @@ def test_max_steps_none(adjoint):
     got = _grad(adjoint, 1e-8, theta, max_steps=None)
     want = _grad(dfx.RecursiveCheckpointAdjoint(), 1e-8, theta)
     assert jnp.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def _growing_grad(adjoint, rtol):
+    # The Accuracy page's exponential problem: dy/dt = a y on [0, 24], growing by
+    # e^{4.8}, where the forward's own error grows too.
+    def loss(p):
+        y0, a = p
+        sol = dfx.diffeqsolve(
+            dfx.ODETerm(lambda t, y, a: a * y),
+            dfx.Dopri5(),
+            0.0,
+            24.0,
+            None,
+            y0,
+            a,
+            stepsize_controller=dfx.PIDController(rtol=rtol, atol=rtol),
+            adjoint=adjoint,
+            max_steps=100_000,
+        )
+        return jnp.sum(sol.ys**2)
+
+    return jnp.stack(eqx.filter_jit(jax.grad(loss))((jnp.array(10.0), jnp.array(0.2))))
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-6])
+def test_default_within_twice_direct_on_growth(rtol):
+    exact = _growing_grad(dfx.RecursiveCheckpointAdjoint(), 1e-13)
+    error = lambda g: float(jnp.linalg.norm(g - exact) / jnp.linalg.norm(exact))
+    direct = error(_growing_grad(dfx.RecursiveCheckpointAdjoint(), rtol))
+    default = error(_growing_grad(gqdiffrax.GQAdjoint(), rtol))
+    assert default <= 2 * direct
