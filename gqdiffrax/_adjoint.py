@@ -27,6 +27,7 @@ Every use of diffrax's private names and layouts goes through `_diffrax_internal
 import diffrax as dfx
 import equinox as eqx
 import jax
+import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -41,7 +42,7 @@ from ._backward import Backward, BackwardController, max_steps_error, Rows
 from ._diffrax_internals import (
     only_transpose_ys,
     replace_fields,
-    set_event_time,
+    set_save_times,
 )
 from ._events import event_conditions, event_cotangents
 from ._forward import forward, keeps_states, save_times, Solve, user_rows
@@ -267,9 +268,7 @@ class GQAdjoint(dfx.AbstractAdjoint):
         diff = (y0, args, term, t0, t1, ts, conds)
         final_state, aux_stats = _gq_loop(diff, spec)
         out = only_transpose_ys(final_state)
-        if conds is not None:
-            # The event time is an output: its gradient is part of the adjoint's.
-            out = set_event_time(out, final_state)
+        out = set_save_times(out, _saved_times(final_state, saveat, t0, t1, ts, conds))
         return out, aux_stats
 
 
@@ -288,6 +287,25 @@ GQAdjoint.__init__.__doc__ = r"""**Arguments:**
     $z$ is re-solved backwards. Per solve: under `jax.vmap` each sample keeps its own.
     Default `2**26` (64 MiB); `0` never keeps them.
 """
+
+
+def _saved_times(final_state, saveat, t0, t1, ts, conds):
+    """The saved times `sol.ts` as the forward produced them, differentiable: a saved
+    `t0`, `ts` or `t1` is that input (so `sol.ts` moves with it, as with
+    `RecursiveCheckpointAdjoint`), and an event time is the custom VJP's output, whose
+    gradient the backward pass computes."""
+    saved = final_state.save_state.ts
+    subs = saveat.subs
+    event = conds is not None
+    parts = [t0[None]] if subs.t0 else []
+    parts += [] if ts is None else [ts]
+    parts += [jnp.zeros_like(t1)[None] if event else t1[None]] if subs.t1 else []
+    times = jnp.concatenate([p.astype(saved.dtype) for p in parts])
+    base = saved if event else lax.stop_gradient(saved)
+    if event:
+        # Only the event's row comes from the custom VJP; the others from the inputs.
+        base = base.at[:-1].set(lax.stop_gradient(base[:-1]))
+    return base + (times - lax.stop_gradient(times))
 
 
 def _knots_are_jumps(y0, knots, stepsize_controller, t0, t1):
@@ -454,8 +472,11 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
     if p_t0:
         grad_t0 = -tree_dot(a_t0, f(t0, y0, args)).astype(t0.dtype)
     if (p_ts is not None and p_ts) or p_t1:
-        f_rows = jax.vmap(lambda t, y: f(t, y, args))(rows.ts, rows.ys)
-        per_time = jax.vmap(tree_dot)(rows.gs, f_rows).astype(t0.dtype)
+        if jtu.tree_leaves(rows.ys):
+            f_rows = jax.vmap(lambda t, y: f(t, y, args))(rows.ts, rows.ys)
+            per_time = jax.vmap(tree_dot)(rows.gs, f_rows).astype(t0.dtype)
+        else:
+            per_time = jnp.zeros_like(rows.ts)
         if ts is not None and p_ts:
             pos = jnp.arange(ts.shape[0]) if user_pos is None else user_pos
             grad_ts = per_time[pos]

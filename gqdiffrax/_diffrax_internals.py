@@ -52,7 +52,7 @@ __all__ = [
     "select_save_rows",
     "add_step_rows",
     "take_step_rows",
-    "set_event_time",
+    "set_save_times",
     "t1_clip_floor",
     "replace_fields",
     "STATE_FIELDS",
@@ -177,7 +177,7 @@ def select_save_rows(state, rows, num_ts: int):
     return replace_fields(state, save_state=new)
 
 
-def set_event_time(out, state):
-    """`out` (a final loop state) with the saved times of `state`: after an event,
-    the last of them is the event time, which is an output to differentiate."""
-    return eqx.tree_at(lambda s: s.save_state.ts, out, state.save_state.ts)
+def set_save_times(state, ts):
+    """The final loop state with its (single) `SaveState`'s times replaced:
+    `diffeqsolve` builds `Solution.ts` from them."""
+    return eqx.tree_at(lambda s: s.save_state.ts, state, ts)
