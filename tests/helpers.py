@@ -77,12 +77,20 @@ def grad_errors(got, want):
     for g, w in zip(got_leaves, want_leaves):
         assert jnp.shape(g) == jnp.shape(w), (jnp.shape(g), jnp.shape(w))
         assert jnp.result_type(g) == jnp.result_type(w), (g.dtype, w.dtype)
-        g = np.asarray(g, np.float64)
-        w = np.asarray(w, np.float64)
+        # Complex leaves keep their imaginary parts: the error is a modulus.
+        dtype = np.complex128 if jnp.iscomplexobj(w) else np.float64
+        g = np.asarray(g, dtype)
+        w = np.asarray(w, dtype)
         assert np.all(np.isfinite(g)), g
         scale = max(1.0, float(np.max(np.abs(w), initial=0.0)))
         errors.append(float(np.max(np.abs(g - w), initial=0.0)) / scale)
     return errors
+
+
+def relative_error(x, y):
+    """$\\|x - y\\| / \\|y\\|$ over all the leaves of two pytrees together."""
+    x, y = (jnp.concatenate([jnp.ravel(a) for a in jtu.tree_leaves(t)]) for t in (x, y))
+    return float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y))
 
 
 def assert_grads_close(got, want, bound, *, label=""):
@@ -160,7 +168,8 @@ FLOAT32_FLOOR = 1e-4
 
 
 def grad_bound(case: SolverCase, adaptive: bool, dtype=jnp.float64) -> float:
-    """The bound on GQ(C=10) against `RecursiveCheckpointAdjoint` for `case`."""
+    """The bound on `GQAdjoint()` (and `IntervalGauss(C=10)`) against
+    `RecursiveCheckpointAdjoint` for `case`."""
     bound = case.adaptive_bound if adaptive else case.const_bound
     assert bound is not None, f"{case.name} has no error estimate: no adaptive steps"
     if jnp.dtype(dtype) == jnp.float32:

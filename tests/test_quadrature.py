@@ -1,10 +1,16 @@
+import diffrax as dfx
+import equinox as eqx
+import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 import pytest
 
 import gqdiffrax
-from gqdiffrax import gauss_legendre
-from gqdiffrax._quadrature import interval_rule, num_nodes, tolerance_nodes
+from gqdiffrax._quadrature import interval_rule, make_node_sum, num_nodes
+from gqdiffrax._step import GaussStep, ParamField
+
+from .helpers import assert_tree_allclose
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 16, 33, 64])
@@ -84,42 +90,149 @@ def test_interval_rule_integrates_polynomials(n):
         assert jnp.allclose(approx, exact, rtol=1e-12)
 
 
-def test_tolerance_nodes_follow_tolerance_and_steps():
-    lengths = jnp.array([0.0, 1e-3, 0.1, 1.0])
-    rule = lambda steps, rtol, order=5: tolerance_nodes(
-        steps, lengths, 1.0, order=order, rtol=rtol, max_nodes=64
+#
+# The quadrature sum of an interval
+#
+
+
+def _param_field():
+    """A `ParamField` of dy/dt = p * sin(y) * (1 + t) on a 2-vector, whose parameters
+    `theta` are `args = p` (the term is held fixed)."""
+    term = dfx.ODETerm(lambda t, y, p: p * jnp.sin(y) * (1 + t))
+    theta, rest = eqx.partition((jnp.array([0.7, -1.3]), term), (True, False))
+    arrays, static = eqx.partition(rest, eqx.is_array)
+    return ParamField(arrays, static, jnp.array(1.0)), theta
+
+
+def _rows(key, num):
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    ts = jax.random.uniform(k1, (num,))
+    ws = jax.random.uniform(k2, (num,))
+    zs = jax.random.normal(k3, (num, 2))
+    as_ = jax.random.normal(k4, (num, 2))
+    return ts, ws, zs, as_
+
+
+@jax.jit
+def _direct_sum(field, theta, ts, ws, zs, as_, n):
+    """$\\sum_{j<n} w_j a_j^\\top \\partial f/\\partial\\theta(t_j, z_j)$, as the
+    gradient of $\\sum_{j<n} w_j a_j^\\top f(t_j, z_j)$."""
+    ws = jnp.where(jnp.arange(ws.shape[0]) < n, ws, 0.0)
+
+    def weighted(th):
+        fs = jax.vmap(lambda t, z: field(th, t, z))(ts, zs)
+        return jnp.sum(ws[:, None] * as_ * fs)
+
+    return jax.grad(weighted)(theta)
+
+
+@pytest.mark.parametrize("chunk", [3, 1, 8])
+def test_node_sum_evaluates_exactly_n_rows(chunk):
+    # 11 rows: with chunks of 3, n = 11 is three full chunks and pieces of 2 (the
+    # binary digits of 11 mod 3). Rows from n on hold NaN states: a sum that
+    # evaluated one of them, even with weight zero, would be NaN.
+    field, theta = _param_field()
+    ts, ws, zs, as_ = _rows(jax.random.key(0), 11)
+    node_sum = jax.jit(make_node_sum(chunk))
+    acc = jtu.tree_map(jnp.ones_like, theta)
+    for n in [0, 1, 2, 5, 6, 11]:
+        poisoned = zs.at[n:].set(jnp.nan)
+        got = node_sum(field, theta, acc, ts, ws, poisoned, as_, jnp.array(n))
+        want = _direct_sum(field, theta, ts, ws, zs, as_, n)
+        want = jtu.tree_map(jnp.add, acc, want)
+        assert_tree_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_node_sum_under_vmap_follows_the_largest_count():
+    # Per-sample node counts: the batch evaluates max(n) rows of every sample, so a
+    # sample's rows from its own n on must carry weight zero (as `interval_rule`
+    # pads them); rows from max(n) on are never evaluated (NaN states).
+    field, theta = _param_field()
+    counts = jnp.array([2, 7, 0])
+    rows = jax.vmap(lambda k: _rows(k, 9))(jax.random.split(jax.random.key(1), 3))
+    ts, ws, zs, as_ = rows
+    ws = jnp.where(jnp.arange(9)[None, :] < counts[:, None], ws, 0.0)
+    poisoned = zs.at[:, int(jnp.max(counts)) :].set(jnp.nan)
+    acc = jtu.tree_map(jnp.zeros_like, theta)
+    node_sum = make_node_sum(4)
+    got = jax.jit(jax.vmap(node_sum, in_axes=(None, None, None, 0, 0, 0, 0, 0)))(
+        field, theta, acc, ts, ws, poisoned, as_, counts
     )
-    n = rule(10, 1e-6)
-    # No nodes on an empty interval; one on an interval far shorter than a step.
-    assert int(n[0]) == 0 and int(n[1]) == 1
-    # More nodes for longer intervals, tighter tolerances, more steps.
-    assert jnp.all(jnp.diff(n) >= 0) and int(n[-1]) > int(n[-2])
-    # At a fixed step count a tighter tolerance also means a smoother integrand on
-    # the scale of a step ($\rho$ shrinks), so the count need not grow with it.
-    assert jnp.all(rule(10, 1e-9) >= n)
-    assert jnp.all(rule(40, 1e-6) >= n) and int(rule(40, 1e-6)[-1]) > int(n[-1])
-    # The cap.
-    assert int(rule(10**6, 1e-12)[-1]) == 64
+    for i, n in enumerate(counts.tolist()):
+        want = _direct_sum(field, theta, ts[i], ws[i], zs[i], as_[i], n)
+        assert_tree_allclose(jtu.tree_map(lambda g: g[i], got), want, rtol=1e-12)
 
 
-def test_tolerance_nodes_meet_their_error_model():
-    # The rule's promise on an integrand that varies on the modelled time scale:
-    # g(t) = cos(lambda t) with lambda h = rho, h the step. The n-point rule it picks
-    # integrates g over s steps to about the tolerance; n - 1 points do not.
-    for rtol, steps in [(1e-4, 3.0), (1e-6, 5.0), (1e-8, 8.0)]:
-        order = 5
-        rho = rtol ** (1 / (order + 1))
-        n = int(
-            tolerance_nodes(
-                steps, jnp.ones(1), 1.0, order=order, rtol=rtol, max_nodes=64
-            )[0]
-        )
-        lam = steps * rho  # One unit of time holds `steps` steps.
-        exact = np.sin(lam) / lam
+#
+# The rules as objects
+#
 
-        def err(m):
-            x, w = gauss_legendre(m)
-            return abs(np.sum(0.5 * w * np.cos(lam * (x + 1) / 2)) - exact) / abs(exact)
 
-        assert err(n) <= 10 * rtol
-        assert n == 1 or err(n - 1) > rtol / 10
+def test_rules_are_public_and_default():
+    assert isinstance(gqdiffrax.StepGauss(), gqdiffrax.AbstractQuadrature)
+    assert isinstance(gqdiffrax.IntervalGauss(), gqdiffrax.AbstractQuadrature)
+    assert gqdiffrax.StepGauss.crosses_saves
+    assert not gqdiffrax.IntervalGauss.crosses_saves
+    rule = gqdiffrax.IntervalGauss()
+    assert (rule.C, rule.max_nodes, rule.node_chunk) == (0.1, 64, 8)
+
+
+def test_bounds():
+    # StepGauss stops only at the split times and the last save time (it crosses the
+    # others); IntervalGauss at every row, split times included (they are rows).
+    times = jnp.array([0.5, 1.0, 1.5, 2.0])
+    splits = jnp.array([0.7, 1.2])
+    step, interval = gqdiffrax.StepGauss(), gqdiffrax.IntervalGauss()
+    assert step.bounds(times, None).tolist() == [2.0]
+    assert step.bounds(times, splits).tolist() == [0.7, 1.2, 2.0]
+    assert interval.bounds(times, None).tolist() == times.tolist()
+    assert interval.bounds(times, splits).tolist() == times.tolist()
+
+
+def test_node_counts():
+    lengths = jnp.array([0.0, 0.1, 0.3, 0.6])
+    for rule in [
+        gqdiffrax.IntervalGauss(),
+        gqdiffrax.IntervalGauss(C=2.0, max_nodes=16),
+    ]:
+        got = rule.node_counts(jnp.array(200), lengths, 1.0)
+        want = num_nodes(rule.C, 200, lengths, 1.0, rule.max_nodes)
+        assert got.tolist() == want.tolist()
+    assert gqdiffrax.IntervalGauss(C=2.0, max_nodes=16).node_counts(
+        200, lengths, 1.0
+    ).tolist() == [0, 16, 16, 16]
+    # The per-step rule places no nodes of its own: its steps carry them.
+    counts = gqdiffrax.StepGauss().node_counts(jnp.array(200), lengths, 1.0)
+    assert counts.tolist() == [0, 0, 0, 0]
+
+
+def test_node_times():
+    t_start, t_end = jnp.array(0.25), jnp.array(1.0)
+    rule = gqdiffrax.IntervalGauss(max_nodes=12)
+    got = rule.node_times(jnp.array(5), t_start, t_end)
+    want = interval_rule(jnp.array(5), t_start, t_end, 12)
+    assert_tree_allclose(got, want, rtol=0, atol=0)
+    assert gqdiffrax.StepGauss().node_times(jnp.array(5), t_start, t_end) == (
+        None,
+        None,
+    )
+
+
+@pytest.mark.parametrize("order, nodes", [(1, 1), (2, 2), (4, 3), (5, 3), (8, 5)])
+def test_step_solver_rule_matches_the_order(order, nodes):
+    # ceil((p + 1) / 2) Gauss nodes per step: exact for degree 2 * nodes - 1 >= p, so
+    # the quadrature is as accurate as a step of an order-p solver.
+    field, theta = _param_field()
+    solver = dfx.Tsit5()
+    step = gqdiffrax.StepGauss().step_solver(solver, order, field, theta, None)
+    assert isinstance(step, GaussStep) and step.solver is solver
+    x, w = gqdiffrax.gauss_legendre(nodes)
+    assert np.allclose(step.nodes, x, rtol=0, atol=0)
+    assert np.allclose(step.weights, w, rtol=0, atol=0)
+    # Nothing to differentiate: no nodes.
+    no_theta = jtu.tree_map(lambda _: None, theta)
+    step = gqdiffrax.StepGauss().step_solver(solver, order, field, no_theta, None)
+    assert step.nodes == ()
+    # The per-interval rule leaves the backward solver as it is.
+    interval = gqdiffrax.IntervalGauss()
+    assert interval.step_solver(solver, order, field, theta, None) is solver
