@@ -275,9 +275,9 @@ class GaussStep(AbstractWrappedSolver):
                 # The interpolant the injection differentiates is as accurate as its
                 # values: control the step size by their error estimate too.
                 error_z, error_a = y_error
-                error_z = jtu.tree_map(
-                    lambda e, g: jnp.maximum(jnp.abs(e), g), error_z, gap
-                )
+                # In the estimate's own dtype (complex for a complex state).
+                larger = lambda e, g: jnp.where(jnp.abs(e) >= g, e, g.astype(e.dtype))
+                error_z = jtu.tree_map(larger, error_z, gap)
                 y_error = error_z, error_a
         state = GaussStepState(inner, total, jumped)
         return y1, y_error, dense_info, state, result

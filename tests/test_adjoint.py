@@ -1143,16 +1143,7 @@ def _complex_cases():
                 if path == "jump_ts" and _COMPLEX_SOLVES[solve][1] is not None:
                     continue  # ConstantStepSize has no jump_ts.
                 name = f"{solve}-{'forward' if direction == 1 else 'reverse'}-{path}"
-                marks = []
-                if solve == "tsit5-pid" and path != "interval":
-                    marks = pytest.mark.xfail(
-                        strict=True,
-                        raises=jax.dtypes.TypePromotionError,
-                        reason="GaussStep's error estimate for z is real for a "
-                        "complex state; the PID controller's norm then adds float64 "
-                        "to complex128, which strict dtype promotion refuses",
-                    )
-                cases.append(pytest.param(solve, direction, path, id=name, marks=marks))
+                cases.append(pytest.param(solve, direction, path, id=name))
     return cases
 
 
