@@ -5,7 +5,9 @@ and t1 and with repeated times (zero-length intervals), forward and reverse time
 constant and adaptive steps, every solver of the shared list; gradients with respect
 to `y0`, `args`, the vector field's module parameters, `t0`, `t1` and `ts`, under
 `jax.jit`, against `diffrax.RecursiveCheckpointAdjoint` with a bound scaled by the
-tolerance (`tests/helpers.py`).
+tolerance (`tests/helpers.py`). The default `GQAdjoint()` (a Gauss rule on every
+backward step, stepping across save times) runs every test; the paper's rule per
+interval, `IntervalGauss`, runs the SaveAt grid and `vmap` as cases after it.
 
 Compile time dominates: directions and save-time patterns are data, so one compiled
 gradient per (adjoint, solver, controller, SaveAt combination, dtype) serves them all.
@@ -37,9 +39,9 @@ from .helpers import (
 
 
 _ADJOINTS = {
-    "gq": gqdiffrax.GQAdjoint(C=10.0),
-    "gq-default": gqdiffrax.GQAdjoint(),
-    "gq-cross": gqdiffrax.GQAdjoint(saves="cross"),
+    "gq": gqdiffrax.GQAdjoint(),
+    # The paper's rule, with ten times its node count: accurate to the solver here.
+    "gq-interval": gqdiffrax.GQAdjoint(gqdiffrax.IntervalGauss(C=10.0)),
     "rca": dfx.RecursiveCheckpointAdjoint(),
 }
 
@@ -108,23 +110,25 @@ def _kinds(combo):
 
 
 # Every combination with constant steps; adaptive steps on the richest one (the
-# property test draws adaptive steps with every combination).
+# property test draws adaptive steps with every combination). The default first,
+# then the rule per interval.
 _GRID = [(combo, False) for combo in _COMBOS] + [((True, True, True), True)]
+_GRID = [("gq", c, a) for c, a in _GRID] + [("gq-interval", c, a) for c, a in _GRID]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "combo, adaptive",
+    "adjoint, combo, adaptive",
     _GRID,
-    ids=[f"{_combo_id(c)}-{'adaptive' if a else 'constant'}" for c, a in _GRID],
+    ids=[f"{g}-{_combo_id(c)}-{'adaptive' if a else 'constant'}" for g, c, a in _GRID],
 )
-def test_saveat_grid(combo, adaptive):
+def test_saveat_grid(adjoint, combo, adaptive):
     case = SOLVERS_BY_NAME["Tsit5"]
     bound = grad_bound(case, adaptive)
     for direction in (1, -1):
         for kind in _kinds(combo):
             got, want = _compare(
-                "gq", "Tsit5", adaptive, combo, direction, kind, jnp.float64, bound
+                adjoint, "Tsit5", adaptive, combo, direction, kind, jnp.float64, bound
             )
             field, y0, args, t0, t1, ts = got
             # Non-array leaves of args get no gradient, as with the reference.
@@ -146,34 +150,32 @@ def test_saveat_grid(combo, adaptive):
                 assert float(jnp.max(jnp.abs(ts))) == 0
 
 
-# The backward solve stepping across save times (`saves="cross"`): every SaveAt
-# combination with `ts` (without, there is nothing to cross), every save-time pattern
-# (touching the ends, repeated) and both directions, with constant steps (the backward
-# steps then fall elsewhere than the forward's) and adaptive ones; and Euler and Dopri8,
-# whose dense outputs (linear, and the 7th-order interpolant) carry the save times'
-# cotangents into a step.
-_CROSS_GRID = (
-    [("Tsit5", combo, False) for combo in _COMBOS if combo[2]]
-    + [("Tsit5", (True, True, True), True), ("Euler", (False, True, True), False)]
-    + [("Dopri8", (True, False, True), True)]
-)
+# The default's backward solve steps across save times, carrying their cotangents into
+# a step through the solver's dense output. Tsit5's runs the grid above; Euler's
+# (linear) and Dopri8's (the 7th-order interpolant) here, over every save-time pattern
+# (touching the ends, repeated) in both directions, with constant steps (the backward
+# steps then fall elsewhere than the forward's) and adaptive ones.
+_DENSE_GRID = [
+    ("Euler", (False, True, True), False),
+    ("Dopri8", (True, False, True), True),
+]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "solver, combo, adaptive",
-    _CROSS_GRID,
+    _DENSE_GRID,
     ids=[
         f"{s}-{_combo_id(c)}-{'adaptive' if a else 'constant'}"
-        for s, c, a in _CROSS_GRID
+        for s, c, a in _DENSE_GRID
     ],
 )
-def test_saveat_grid_crossing_saves(solver, combo, adaptive):
+def test_crossing_saves_through_dense_output(solver, combo, adaptive):
     bound = grad_bound(SOLVERS_BY_NAME[solver], adaptive)
     for direction in (1, -1):
         for kind in _kinds(combo):
             got, _ = _compare(
-                "gq-cross", solver, adaptive, combo, direction, kind, jnp.float64, bound
+                "gq", solver, adaptive, combo, direction, kind, jnp.float64, bound
             )
             assert float(jnp.max(jnp.abs(got[0].weight))) > 1e-2
 
@@ -205,31 +207,6 @@ def test_every_solver(case):
             jnp.float64,
             bound,
         )
-
-
-# The default node rule follows the tolerance (issue 13 §2): at rtol 1e-6 its error on
-# this problem is the solver's, not the quadrature's. (The paper's rule, the default
-# before, was off by 7e-3 on the t0+t1+ts case.)
-_DEFAULT_BOUND = 1e-4
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "combo", [(False, True, False), (True, True, True)], ids=_combo_id
-)
-def test_default_node_rule(combo):
-    for direction in (1, -1):
-        for kind in _kinds(combo)[:2]:
-            _compare(
-                "gq-default",
-                "Tsit5",
-                True,
-                combo,
-                direction,
-                kind,
-                jnp.float64,
-                _DEFAULT_BOUND,
-            )
 
 
 @pytest.mark.slow
@@ -294,10 +271,11 @@ def _vmap_loss(params, y0, t1, adjoint, dtype):
 
 
 @pytest.mark.slow
-def test_vmap_both_orders():
+@pytest.mark.parametrize("adjoint", ["gq", "gq-interval"])
+def test_vmap_both_orders(adjoint):
     # Per-sample y0 and horizons, among them a reverse-time one (t1 < t0 = 0): each
-    # sample has its own direction, step count and node count. (float32 under vmap:
-    # test_adjoint.py's test_vmap_and_grad_orderings.)
+    # sample has its own direction, step count and (per interval) node count.
+    # (float32 under vmap: test_adjoint.py's test_vmap_and_grad_orderings.)
     dtype = jnp.float64
     params = (make_field(dtype), make_args(dtype))
     y0s = jnp.array([[0.3, -0.5], [0.1, 0.2], [-0.4, 0.4]], dtype)
@@ -318,7 +296,7 @@ def test_vmap_both_orders():
         )
         return eqx.filter_jit(eqx.filter_grad(loss))(params)
 
-    gq, rca = _ADJOINTS["gq"], _ADJOINTS["rca"]
+    gq, rca = _ADJOINTS[adjoint], _ADJOINTS["rca"]
     per_gq = per_sample(gq)
     assert_grads_close(per_gq, per_sample(rca), bound, label="vmap(grad)")
     mean_gq = of_mean(gq)

@@ -1,5 +1,6 @@
-"""Property-based test: GQAdjoint(C=10), and GQAdjoint(saves="cross"), agree with
-RecursiveCheckpointAdjoint on random configurations (issue 13, §4).
+"""Property-based test: the default GQAdjoint(), and the paper's rule per interval
+GQAdjoint(IntervalGauss(C=10)), agree with RecursiveCheckpointAdjoint on random
+configurations (issue 13, §4).
 
 A configuration has a *structure* (state pytree, args pytree with non-array leaves,
 SaveAt combination, solver from the shared list, constant or adaptive steps, dtype,
@@ -13,10 +14,11 @@ The bound is the shared solver list's `grad_bound` (tests/helpers.py): the agree
 measured over the SaveAt grid times about ten, i.e. 100 * rtol for adaptive steps and
 about 10 * dt0**order (scaled) for constant steps; in float32 at least 3e-4 (rounding).
 It catches a gradient that is wrong by a part in a thousand: checked by running the
-fast tier against local copies of the library with a planted bug. Parameter gradients
-scaled by 1.001: caught on the first example (error 1.0e-3, bound 1e-4). Quadrature
-nodes shifted by one (`x[1:]` for `x[:-1]`): caught (1.8e-3). The `SaveAt(t0=True)`
-cotangent to y0 dropped: caught (8e-2).
+fast tier (the default) against local copies of the library with a planted bug.
+Parameter gradients scaled by 1.001: caught on the first example (error 3.0e-4, bound
+1e-4). One Gauss node fewer on every backward step (two for Tsit5 and Dopri5, not
+three): caught on the sixth (1.5e-4). The `SaveAt(t0=True)` cotangent to y0 dropped:
+caught on the first (1.7e-1).
 
 Every draw differentiates the times too, float32 included (float32 time gradients once
 failed under strict promotion: test_adjoint_grid's test_float32_time_gradients).
@@ -46,9 +48,10 @@ from .helpers import (
 
 
 _ADJOINTS = {
-    "gq": gqdiffrax.GQAdjoint(C=10.0),
-    # The backward solve stepping across save times.
-    "gq-cross": gqdiffrax.GQAdjoint(saves="cross"),
+    # The default: a Gauss rule on every backward step, stepping across save times.
+    "gq": gqdiffrax.GQAdjoint(),
+    # The paper's rule per interval, with ten times its node count.
+    "gq-interval": gqdiffrax.GQAdjoint(gqdiffrax.IntervalGauss(C=10.0)),
     "rca": dfx.RecursiveCheckpointAdjoint(),
     # The same, at a tolerance far below the bound: the exact gradient.
     "exact": dfx.RecursiveCheckpointAdjoint(),
@@ -159,12 +162,15 @@ _SOLVER_STEPS = [(c.name, False) for c in SOLVERS] + [
     (c.name, True) for c in SOLVERS if c.adaptive
 ]
 
-# The fast tier's pool: two structures that between them cover nested and scalar
-# states, mixed args, two SaveAt combinations, both dtypes and adaptive steps.
+# The fast tier's pool: structures that between them cover nested, scalar and tuple
+# states, mixed args, three SaveAt combinations, both dtypes, adaptive steps and many
+# save times (which the default steps across and the rule per interval stops at). The
+# adjoint is a parameter of the test: the default first (the fast tier), then the rule
+# per interval.
 _FAST_POOL = [
-    ("nested", "nested-mixed", (True, True, True), "Tsit5", True, "float64", 3, "gq"),
-    ("scalar", "dict-mixed", (False, False, True), "Dopri5", True, "float32", 3, "gq"),
-    ("tuple", "array", (True, False, True), "Dopri5", True, "float64", 16, "gq-cross"),
+    ("nested", "nested-mixed", (True, True, True), "Tsit5", True, "float64", 3),
+    ("scalar", "dict-mixed", (False, False, True), "Dopri5", True, "float32", 3),
+    ("tuple", "array", (True, False, True), "Dopri5", True, "float64", 16),
 ]
 
 _full_structures = st.tuples(
@@ -174,7 +180,7 @@ _full_structures = st.tuples(
     st.sampled_from(_SOLVER_STEPS),
     st.sampled_from(["float64", "float32"]),
     st.sampled_from([1, 3, 16]),
-    st.sampled_from(["gq", "gq-cross"]),
+    st.sampled_from(["gq", "gq-interval"]),
 ).map(lambda s: (s[0], s[1], s[2], s[3][0], s[3][1], s[4], s[5], s[6]))
 
 # Save-time fractions of the horizon: the ends, ties and anything in between.
@@ -234,7 +240,8 @@ def _check(structure, data):
 # gradients differ from the direct method's by 1.2e-10, over the bound of 1e-10 then
 # in force. It is the discretisation gap between the continuous time gradient
 # (g . f(t_k, y(t_k))) and the derivative of Tsit5's dense output, not a bug; the
-# constant-step bound of Tsit5 in tests/helpers.py is now 1e-9.
+# constant-step bound of Tsit5 in tests/helpers.py is now 1e-9. They were found with
+# the rule per interval (then the tested GQ); each runs with both rules.
 _REGRESSIONS = [
     (
         ("tuple", "array", (False, False, True), "Tsit5", False, "float64", 1, "gq"),
@@ -248,7 +255,7 @@ _REGRESSIONS = [
         ),
     ),
     (
-        _FAST_POOL[0],
+        _FAST_POOL[0] + ("gq",),
         dict(
             direction=-1,
             t_start=0.0,
@@ -288,9 +295,10 @@ _REGRESSIONS = [
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("adjoint", ["gq", "gq-interval"])
 @pytest.mark.parametrize("structure, data", _REGRESSIONS)
-def test_regressions(structure, data):
-    _check(structure, data)
+def test_regressions(structure, data, adjoint):
+    _check(structure[:-1] + (adjoint,), data)
 
 
 @hypothesis.settings(
@@ -300,9 +308,11 @@ def test_regressions(structure, data):
     database=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
-@hypothesis.given(_configs(st.sampled_from(_FAST_POOL)))
-def test_gq_matches_recursive_checkpoint(config):
-    _check(*config)
+@pytest.mark.parametrize("adjoint", ["gq", "gq-interval"])
+@hypothesis.given(config=_configs(st.sampled_from(_FAST_POOL)))
+def test_gq_matches_recursive_checkpoint(adjoint, config):
+    structure, data = config
+    _check(structure + (adjoint,), data)
 
 
 @pytest.mark.slow
