@@ -35,6 +35,12 @@ control shortens steps whose interpolants disagree. The backward controller
 the last of them it reaches, and the step resets $z$ there to the forward state. After
 an injection or a reset the state has jumped, so an FSAL solver's stored last stage is
 stale: the next step evaluates its first stage afresh.
+
+**Where $z$ comes from.** Re-solved backwards, $z$ leaves the forward trajectory on
+dynamics that forget their start. When the forward kept its state at every accepted
+step (`ForwardPath`), every backward step resets $z$ at its end to the forward solution
+there: one forward step from the kept start of the step that holds that time. The reset
+does not count as a jump: the drift it removes is of the order of one step's error.
 """
 
 from typing import Any
