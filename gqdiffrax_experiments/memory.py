@@ -12,8 +12,10 @@ The measure is XLA's temporary buffer size of the compiled gradient,
 `direct` stores every step (`RecursiveCheckpointAdjoint(checkpoints=max_steps)`): that
 is backpropagation through the solver as the paper measures it, growing with the number
 of steps. `--checkpoints binomial` uses diffrax's default online checkpointing instead,
-whose memory grows only logarithmically. The adjoint methods and GQ need memory
-independent of the number of steps.
+whose memory grows only logarithmically. The adjoint methods need memory independent
+of the number of steps; GQ's default keeps the state at every step of the budget
+(within `GQAdjoint(state_budget=...)`), one row per step, and
+`GQAdjoint(state_budget=0)` or the paper's `IntervalGauss` need none.
 """
 
 import functools as ft
