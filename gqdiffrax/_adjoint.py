@@ -120,10 +120,10 @@ class GQAdjoint(dfx.AbstractAdjoint):
     near an attracting state): the backward flow expands, and errors grow like
     $e^{\lambda t}$ for a contraction rate $\lambda$. So by default the forward
     keeps the state at the end of every accepted step, and every backward step resets
-    $z$ at its end to the forward solution there: the forward step that holds that
-    time is taken again from its kept start, and its dense output evaluated, so $z$
-    is the forward pass's own interpolant whatever the dynamics (one forward step per
-    backward step). This keeps `max_steps` states in memory, so it is chosen when
+    $z$ at its end to the forward solution there: one step of the forward solver from
+    the kept start of the forward step that holds that time, to that time. So $z$
+    stays within one (shorter) forward step of the forward solution whatever the
+    dynamics, at the cost of one forward step per backward step. This keeps `max_steps` states in memory, so it is chosen when
     traced: with [`gqdiffrax.StepGauss`][], a finite `max_steps`, and `max_steps`
     times the state's bytes within `state_budget`. Otherwise (a large state,
     `max_steps=None`, `state_budget=0`, or [`gqdiffrax.IntervalGauss`][]) $z$ is
