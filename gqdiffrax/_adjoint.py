@@ -124,8 +124,9 @@ class GQAdjoint(dfx.AbstractAdjoint):
     the kept start of the forward step that holds that time, to that time. So $z$
     stays within one (shorter) forward step of the forward solution whatever the
     dynamics, at the cost of one forward step per backward step. This keeps
-    `max_steps` states in memory, so it is chosen when traced: with [`gqdiffrax.StepGauss`][], a finite `max_steps`, and `max_steps`
-    times the state's bytes within `state_budget`. Otherwise (a large state,
+    `max_steps` states in memory, so it is chosen when traced: with
+    [`gqdiffrax.StepGauss`][], a finite `max_steps`, and `max_steps` times the
+    state's bytes within `state_budget`. Otherwise (a large state,
     `max_steps=None`, `state_budget=0`, or [`gqdiffrax.IntervalGauss`][]) $z$ is
     re-solved backwards as in the paper, with memory constant in `max_steps`; then
     keep forward `checkpoints` on contracting dynamics.
