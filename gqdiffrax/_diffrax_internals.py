@@ -97,15 +97,7 @@ def only_transpose_ys(final_state):
 
 # The fields of the loop state (`diffrax._integrate.State`) that the adjoints replace
 # before and after running the loop.
-STATE_FIELDS = (
-    "y",
-    "solver_state",
-    "controller_state",
-    "save_state",
-    "dense_ts",
-    "dense_infos",
-    "dense_save_index",
-)
+STATE_FIELDS = ("y", "solver_state", "controller_state", "save_state")
 
 
 def replace_fields(state, **values):

@@ -31,9 +31,9 @@ import jax.lax as lax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
-from jaxtyping import Array, Float, Int, PyTree, Real
+from jaxtyping import Array, Float, Int, Real
 
-from ._step import GaussStep
+from ._step import GaussStep, scale_rows
 
 
 MAX_NODES = 64
@@ -137,13 +137,6 @@ def interval_rule(
     return times, half * w
 
 
-def _scale_rows(tree: PyTree[Array], w: Float[Array, " rows"]) -> PyTree[Array]:
-    """Multiply each leaf's leading axis by the weights `w`."""
-    return jtu.tree_map(
-        lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), tree
-    )
-
-
 def _node_pieces(vjp_theta, chunk, num, acc, ts, ws, zs, as_):
     r"""`acc` plus $\sum_{j < \mathrm{num}} w_j\, a_j^\top \partial f/\partial\theta
     (\tau_j, z_j)$: `num // chunk` full chunks of one `vmap`-ed VJP each, then the
@@ -153,7 +146,7 @@ def _node_pieces(vjp_theta, chunk, num, acc, ts, ws, zs, as_):
     def rows(acc, start, size):
         take = lambda x: lax.dynamic_slice_in_dim(x, start, size)
         t_c, w_c, z_c, a_c = jtu.tree_map(take, (ts, ws, zs, as_))
-        g = vjp_theta(t_c, z_c, _scale_rows(a_c, w_c))
+        g = vjp_theta(t_c, z_c, scale_rows(a_c, w_c))
         return jtu.tree_map(jnp.add, acc, g)
 
     num_full = num // chunk

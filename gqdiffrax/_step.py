@@ -54,6 +54,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Bool, PyTree, Real
 
 from ._adjoint_common import AbstractWrappedSolver, tree_dot
+from ._diffrax_internals import WrapTerm
 
 
 def wrapped_vf(term, direction):
@@ -61,8 +62,6 @@ def wrapped_vf(term, direction):
     diffrax's normalised time $s = \mathrm{direction} \cdot t$, in which every solve
     runs forwards: $dy/ds = \mathrm{direction} \cdot f(\mathrm{direction} \cdot s, y)$.
     """
-    from ._diffrax_internals import WrapTerm
-
     if isinstance(term, dfx.ControlTerm):
         term = term.to_ode()
     term = WrapTerm(term, direction)
@@ -113,7 +112,7 @@ class AugmentedField(eqx.Module):
         return fz, jtu.tree_map(jnp.negative, a_dot)
 
 
-def _scale_rows(tree, w):
+def scale_rows(tree, w):
     """Multiply each leaf's leading axis by the weights `w`."""
     return jtu.tree_map(
         lambda x: x * w.reshape(w.shape + (1,) * (x.ndim - 1)).astype(x.dtype), tree
@@ -267,7 +266,7 @@ class GaussStep(AbstractWrappedSolver):
             s = 0.5 * (t0 + t1) + half * x
             z, a = jax.vmap(path.evaluate)(s)
             w = half * jnp.asarray(self.weights, t0.dtype)
-            g = self.field.vjp(self.theta, -s, z, _scale_rows(a, w))
+            g = self.field.vjp(self.theta, -s, z, scale_rows(a, w))
             total = jtu.tree_map(jnp.add, total, g)
         jumped = jnp.array(False)
         if self.rows is not None:
