@@ -54,6 +54,8 @@ __all__ = [
     "take_step_rows",
     "set_save_times",
     "t1_clip_floor",
+    "unvmap_all",
+    "unvmap_any",
     "replace_fields",
     "STATE_FIELDS",
     "WrapTerm",
@@ -68,6 +70,12 @@ lax_while_loop = ft.partial(eqxi.while_loop, kind="lax")
 # from the documentation (as diffrax's solvers do for `scan_kind`).
 nondifferentiable = eqxi.nondifferentiable
 doc_remove_args = eqxi.doc_remove_args
+
+# Whether all (any) of a boolean's values are true, over the `vmap`s around it too: an
+# unbatched predicate, so that a `lax.cond` on it stays a branch under `vmap` instead
+# of becoming a `select` that runs both sides.
+unvmap_all = eqxi.unvmap_all
+unvmap_any = eqxi.unvmap_any
 
 
 def constant_step_count(controller_state):

@@ -43,6 +43,7 @@ there: one forward step from the kept start of the step that holds that time. Th
 does not count as a jump: the drift it removes is of the order of one step's error.
 """
 
+import functools as ft
 from typing import Any
 
 import diffrax as dfx
@@ -54,7 +55,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Bool, PyTree, Real
 
 from ._adjoint_common import AbstractWrappedSolver, tree_dot
-from ._diffrax_internals import WrapTerm
+from ._diffrax_internals import unvmap_all, unvmap_any, WrapTerm
 
 
 def wrapped_vf(term, direction):
@@ -201,7 +202,9 @@ class SaveRows(eqx.Module):
             return *zeros, gap
 
         any_hit = jnp.any(hit)
-        return (*lax.cond(any_hit, run, skip), any_hit)
+        # `run` gives zeros where nothing is hit: under `vmap` it runs for every
+        # sample as soon as one needs it, and a batched `lax.cond` would run both.
+        return (*lax.cond(unvmap_any(any_hit), run, skip), any_hit)
 
     def _reset(self, s, z, ts, ys):
         on = (ts == s) & (ts > self.lo) & (ts < self.hi)
@@ -222,7 +225,14 @@ class SaveRows(eqx.Module):
             z = self._reset(s, z, self.ts, self.ys)
         if self.forward_z is not None:
             vf = lambda t, y: self.field(self.theta, t, y)
-            z = self.forward_z.evaluate(s, self.solver, vf)
+            # The piece's last step ends at its start, whose z nothing reads: the
+            # piece before starts from the forward state at its own end.
+            last = s <= jnp.nextafter(self.lo, self.hi)
+            forward = lambda: self.forward_z.evaluate(s, self.solver, vf)
+            reset = lambda: jtu.tree_map(ft.partial(jnp.where, last), z, forward())
+            # Skip the step only where every sample of a `vmap` can: a batched
+            # `lax.cond` would run both branches, and costs more than the step.
+            z = lax.cond(unvmap_all(last), lambda: z, reset)
         return z, dz, dtheta, any_hit, gap
 
 

@@ -228,3 +228,22 @@ def test_equinox_internals():
     with pytest.raises(Exception, match="named thing"):
         jax.grad(lambda x: internals.nondifferentiable(x, name="named thing"))(1.0)
     assert internals.doc_remove_args is eqxi.doc_remove_args
+
+
+def test_unvmap_predicates_are_unbatched():
+    # A `lax.cond` on them stays a branch under `vmap` (gqdiffrax skips work with it).
+    xs = jnp.array([True, False, True])
+
+    def branches(x):
+        all_, any_ = internals.unvmap_all(x), internals.unvmap_any(x)
+        return all_, any_
+
+    all_, any_ = jax.vmap(branches)(xs)
+    assert not bool(jnp.any(all_)) and bool(jnp.all(any_)), _contract(
+        "unvmap_all/unvmap_any reduce over the vmapped axis"
+    )
+    branch = lambda x: jax.lax.cond(internals.unvmap_any(x), lambda: 1.0, lambda: 0.0)
+    jaxpr = jax.make_jaxpr(jax.vmap(branch))(xs)
+    assert "cond" in str(jaxpr) and "select_n" not in str(jaxpr), _contract(
+        "a lax.cond on unvmap_any stays a cond under vmap"
+    )
