@@ -132,6 +132,14 @@ class ForwardPath(eqx.Module):
     ts: Real[Array, " steps"]
     ys: PyTree[Array]
 
+    def final_step(self):
+        """The larger of the forward's last two accepted steps (the last may have been
+        cut short to land on the end); zero without steps."""
+        n = jnp.sum(jnp.isfinite(self.ts))
+        ends = jnp.concatenate([self.t0[None], self.ts])
+        at = lambda k: ends[jnp.maximum(n - k, 0)]
+        return jnp.maximum(at(0) - at(1), at(1) - at(2))
+
     def evaluate(self, t, solver, vf):
         """$z(t)$, with `solver` the forward solver and `vf(t, y)` the vector field in
         the loop's normalised time."""
