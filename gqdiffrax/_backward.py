@@ -12,7 +12,10 @@ Each piece, from the last backwards, adds the cotangents of the rows at its righ
 to $a_z$, resets $z$ to the forward state there, and solves $[z, a_z]$ backwards to its
 left end with the forward solver and step-size controller; the rule's solver and nodes
 add the piece's part of $\int a_z^\top \partial f/\partial\theta\,dt$. The step size
-carries over from one piece to the next. Rows at $t_0$ go straight to $a_z(t_0)$.
+carries over from one piece to the next. The first piece starts where the forward
+ended, with the forward's step size there when the forward kept its steps
+(`_step.ForwardPath.final_step`), else with the forward's mean step, which its small
+start-up steps make too short. Rows at $t_0$ go straight to $a_z(t_0)$.
 """
 
 from typing import Any
