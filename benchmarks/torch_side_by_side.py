@@ -146,9 +146,10 @@ def run_torch(width, gq_code):
                 linear.weight.data = torch.tensor(w)
                 linear.bias.data = torch.tensor(b)
                 self.layers.append(linear)
-            self.nfe = 0  # torch_gq_adjoint counts evaluations here
+            self.nfe = 0  # torch_gq_adjoint sizes its rule from this count
 
         def forward(self, t, z):
+            self.nfe += 1
             x = torch.cat([z, t.expand(z.shape[0], 1)], dim=1)
             for i, linear in enumerate(self.layers):
                 x = linear(x)

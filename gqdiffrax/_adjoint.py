@@ -119,11 +119,14 @@ class GQAdjoint(dfx.AbstractAdjoint):
     leaves the forward trajectory on dynamics that forget their start (that settle
     near an attracting state): the backward flow expands, and errors grow like
     $e^{\lambda t}$ for a contraction rate $\lambda$. So by default the forward
-    keeps the state at the end of every accepted step, and every backward step resets
-    $z$ at its end to the forward solution there: one step of the forward solver from
-    the kept start of the forward step that holds that time, to that time. So $z$
-    stays within one (shorter) forward step of the forward solution whatever the
-    dynamics, at the cost of one forward step per backward step. This keeps
+    keeps the state at the end of every accepted step. A backward step compares its
+    $z$ with the kept state at a forward step's end inside it; where they differ by
+    more than the forward's tolerance (its controller's `rtol`, `atol` and norm), it
+    resets $z$ at its own end to the forward solution there: one step of the forward
+    solver from the kept start of the forward step that holds that time, to that
+    time. So $z$ stays within the tolerance of the forward solution whatever the
+    dynamics, and a reset costs one forward step only where $z$ drifted (with
+    constant step sizes, which have no tolerance, on every step). This keeps
     `max_steps` states in memory, so it is chosen when traced: with
     [`gqdiffrax.StepGauss`][], a finite `max_steps`, and `max_steps` times the
     state's bytes within `state_budget`. Otherwise (a large state,

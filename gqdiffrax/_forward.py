@@ -168,7 +168,10 @@ def forward(diff, spec: Solve, keep: bool = False):
     kept = None
     if keep:
         final_state, (step_ts, step_ys, _) = take_step_rows(final_state)
-        kept = ForwardPath(t0, y0, step_ts, step_ys)
+        controller = spec.stepsize_controller
+        if not isinstance(controller, dfx.AbstractAdaptiveStepSizeController):
+            controller = None
+        kept = ForwardPath(t0, y0, step_ts, step_ys, controller)
     if extra is None:
         return final_state, aux_stats, final_state.save_state, kept
     # Hand back only the outputs the user asked for; the split times' states stay in

@@ -38,9 +38,13 @@ stale: the next step evaluates its first stage afresh.
 
 **Where $z$ comes from.** Re-solved backwards, $z$ leaves the forward trajectory on
 dynamics that forget their start. When the forward kept its state at every accepted
-step (`ForwardPath`), every backward step resets $z$ at its end to the forward solution
-there: one forward step from the kept start of the step that holds that time. The reset
-does not count as a jump: the drift it removes is of the order of one step's error.
+step (`ForwardPath`), a backward step whose $z$ differs from the kept state at the
+first forward step's end inside it by more than the forward's tolerance
+(`ForwardPath.drifted`) resets $z$ at its end to the forward solution there: one
+forward step from the kept start of the step that holds that time. Where $z$ follows
+the forward solution, as it does unless the dynamics forget their start, no step pays
+for a reset. A reset is a jump like an injection: the next step evaluates its first
+stage afresh.
 """
 
 import functools as ft
@@ -131,6 +135,29 @@ class ForwardPath(eqx.Module):
     y0: PyTree[Array]
     ts: Real[Array, " steps"]
     ys: PyTree[Array]
+    # The forward's step-size controller, for `drifted`; `None` for constant steps.
+    controller: dfx.AbstractAdaptiveStepSizeController | None = None
+
+    def drifted(self, s, e, backward_z):
+        r"""Whether $z$ of a backward step over $[s, e]$ (its interpolant
+        `backward_z(t)`) has left the forward solution by more than the forward's
+        tolerance, measured at the first kept time inside the step, in the forward
+        controller's norm. `False` when no kept time is inside; always `True` for
+        constant step sizes, which have no tolerance."""
+        if self.controller is None:
+            return jnp.array(True)
+        rtol, atol = self.controller.rtol, self.controller.atol
+        i = jnp.searchsorted(self.ts, s, side="right")
+        i = jnp.minimum(i, self.ts.shape[0] - 1)
+        t = self.ts[i]
+        inside = (t > s) & (t < e)
+        zb = backward_z(jnp.where(inside, t, e))
+
+        def scaled(b, r):
+            y = r[i]
+            return jnp.abs(b - y) / (atol + rtol * jnp.maximum(jnp.abs(b), jnp.abs(y)))
+
+        return inside & (self.controller.norm(jtu.tree_map(scaled, zb, self.ys)) > 1)
 
     def final_step(self):
         """The larger of the forward's last two accepted steps (the last may have been
@@ -222,7 +249,8 @@ class SaveRows(eqx.Module):
     def inject(self, s, e, z, backward_z):
         """The state and parameter cotangents of the save times in $[s, e)$, the
         largest gap between the forward and the backward step's interpolants there,
-        $z(s)$ reset to the forward's, and whether the step spanned a save time."""
+        $z(s)$ reset to the forward's, and whether the state jumped (the step spanned
+        a save time, or reset a drifted $z$)."""
         if self.ts.shape[0] == 0:
             dz = jtu.tree_map(jnp.zeros_like, z)
             dtheta = jtu.tree_map(jnp.zeros_like, self.theta)
@@ -236,11 +264,13 @@ class SaveRows(eqx.Module):
             # The piece's last step ends at its start, whose z nothing reads: the
             # piece before starts from the forward state at its own end.
             last = s <= jnp.nextafter(self.lo, self.hi)
+            keep = last | ~self.forward_z.drifted(s, e, backward_z)
             forward = lambda: self.forward_z.evaluate(s, self.solver, vf)
-            reset = lambda: jtu.tree_map(ft.partial(jnp.where, last), z, forward())
+            reset = lambda: jtu.tree_map(ft.partial(jnp.where, keep), z, forward())
             # Skip the step only where every sample of a `vmap` can: a batched
             # `lax.cond` would run both branches, and costs more than the step.
-            z = lax.cond(unvmap_all(last), lambda: z, reset)
+            z = lax.cond(unvmap_all(keep), lambda: z, reset)
+            any_hit = any_hit | ~keep
         return z, dz, dtheta, any_hit, gap
 
 

@@ -149,3 +149,24 @@ def test_default_within_twice_direct_on_growth(rtol):
     direct = error(_growing_grad(dfx.RecursiveCheckpointAdjoint(), rtol))
     default = error(_growing_grad(gqdiffrax.GQAdjoint(), rtol))
     assert default <= 2 * direct
+
+
+def test_reset_only_where_z_drifted():
+    # The backward step [s, e] = [0.2, 0.9] holds the kept time 0.5, where the forward
+    # state is 1.0; rtol = atol = 1e-3 in the forward controller's RMS norm.
+    from gqdiffrax._step import ForwardPath
+
+    ts = jnp.array([0.5, 1.0, jnp.inf])
+    ys = jnp.array([[1.0, 1.0], [2.0, 2.0], [jnp.inf, jnp.inf]])
+    pid = dfx.PIDController(rtol=1e-3, atol=1e-3)
+    path = ForwardPath(jnp.array(0.0), jnp.zeros(2), ts, ys, pid)
+    off_by = lambda d: lambda t: jnp.where(t == 0.5, 1.0 + d, jnp.nan) * jnp.ones(2)
+    s, e = jnp.array(0.2), jnp.array(0.9)
+    # Within the tolerance (2e-3 at 1.0): no reset; beyond it: reset.
+    assert not bool(path.drifted(s, e, off_by(1e-3)))
+    assert bool(path.drifted(s, e, off_by(3e-3)))
+    # No kept time inside the step: nothing to compare with, no reset.
+    assert not bool(path.drifted(jnp.array(0.6), e, off_by(1.0)))
+    # Constant step sizes have no tolerance: always reset.
+    constant = ForwardPath(jnp.array(0.0), jnp.zeros(2), ts, ys, None)
+    assert bool(constant.drifted(s, e, off_by(0.0)))
