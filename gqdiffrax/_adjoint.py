@@ -443,14 +443,13 @@ def _gq_loop_bwd(residuals, grad_out, perturbed, diff, spec):
     cross = rule.crosses_saves and ts is not None and ts.shape[0] > 0
     controller = spec.stepsize_controller
     adaptive = isinstance(controller, dfx.AbstractAdaptiveStepSizeController)
-    if adaptive and kept is not None:
-        # The backward solve starts where the forward ended: with the step size the
-        # forward reached there, not the mean over its start-up steps.
-        mean = (t_end - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
-        final = kept.final_step().astype(t0.dtype)
-        first_dt = jnp.where(final > 0, final, mean)
-    elif adaptive:
+    if adaptive:
         first_dt = (t_end - t0) / jnp.maximum(num_steps, 1).astype(t0.dtype)
+        if kept is not None:
+            # The backward solve starts where the forward ended: with the step size
+            # the forward reached there, not the mean over its start-up steps.
+            final = kept.final_step().astype(t0.dtype)
+            first_dt = jnp.where(final > 0, final, first_dt)
     else:
         first_dt = jnp.asarray(spec.dt0, t0.dtype)
     backward = Backward(
